@@ -1,0 +1,127 @@
+"""Service settings: read from the environment in one place, once, at entry points.
+
+Everything else receives a ``Settings`` as an argument. Tests build their own with
+``Settings.for_home(tmp_path)`` or ``dataclasses.replace``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+
+def _bool(v: str) -> bool:
+    return v.strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class Settings:
+    # where the embedded default keeps its state (Redis socket, SQLite file, storage)
+    home: str = "var"
+    # broker + result backend; empty = the embedded Redis on a unix socket under `home`
+    redis_url: str = ""
+    # job store; empty = SQLite file under `home`
+    database_url: str = ""
+    # artifact storage (fsspec URL or local path); empty = `home`/storage
+    storage_url: str = ""
+    # local scratch space for workers (datasets unpacked, remote-storage runs)
+    cache_dir: str = ""
+
+    # HTTP limits
+    max_request_bytes: int = 256 * 1024 * 1024
+    max_dataset_files: int = 100_000
+    max_dataset_unpacked_bytes: int = 2 * 1024 * 1024 * 1024
+    max_compression_ratio: float = 200.0
+    max_image_pixels: int = 40_000_000
+    max_predict_images: int = 64
+    page_size_max: int = 200
+
+    # jobs
+    max_attempts: int = 3
+    heartbeat_s: float = 5.0
+    lease_timeout_s: float = 60.0
+    reconcile_every_s: float = 30.0
+    progress_every_s: float = 1.0
+    job_soft_time_limit_s: int = 7 * 24 * 3600
+    visibility_timeout_s: int = 12 * 3600
+    worker_name: str = ""
+
+    # serving
+    default_model: str = ""
+    max_batch_size: int = 32
+    max_delay_ms: float = 5.0
+    torch_threads: int = 0  # 0 = cores // web workers, at least 1
+    model_refresh_s: float = 2.0
+
+    # auth
+    auth_enabled: bool = True
+    protect_metrics: bool = False
+
+    # ---------------------------------------------------------------- derived
+    @property
+    def home_path(self) -> Path:
+        return Path(self.home).resolve()
+
+    @property
+    def redis_socket(self) -> Path:
+        return self.home_path / "redis.sock"
+
+    @property
+    def broker_url(self) -> str:
+        return self.redis_url or f"redis+socket://{self.redis_socket}"
+
+    @property
+    def redis_client_url(self) -> str:
+        """The broker URL in the form redis-py understands."""
+        return self.redis_url or f"unix://{self.redis_socket}"
+
+    @property
+    def embedded_redis(self) -> bool:
+        return not self.redis_url
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home_path / 'kiln.db'}"
+
+    @property
+    def storage(self) -> str:
+        return self.storage_url or str(self.home_path / "storage")
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir).resolve() if self.cache_dir else self.home_path / "cache"
+
+    # ---------------------------------------------------------------- builders
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        """Build settings from KILN_* variables plus REDIS_URL, DATABASE_URL, STORAGE_URL."""
+        env = os.environ if env is None else env
+        plain = {"redis_url": "REDIS_URL", "database_url": "DATABASE_URL", "storage_url": "STORAGE_URL"}
+        values = {}
+        for f in dataclasses.fields(cls):
+            key = plain.get(f.name, "KILN_" + f.name.upper())
+            if key not in env:
+                continue
+            raw = env[key]
+            kind = type(f.default)
+            try:
+                values[f.name] = _bool(raw) if kind is bool else kind(raw)
+            except ValueError:
+                raise ValueError(f"environment variable {key}={raw!r} is not a valid {kind.__name__}") from None
+        return cls(**values)
+
+    @classmethod
+    def for_home(cls, home: str | Path, **overrides) -> "Settings":
+        return cls(home=str(home), **overrides)
+
+    def env(self) -> dict[str, str]:
+        """These settings as environment variables (to hand to child processes)."""
+        plain = {"redis_url": "REDIS_URL", "database_url": "DATABASE_URL", "storage_url": "STORAGE_URL"}
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[plain.get(f.name, "KILN_" + f.name.upper())] = (
+                ("1" if value else "0") if isinstance(value, bool) else str(value))
+        return out
