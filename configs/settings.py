@@ -70,12 +70,15 @@ class Settings:
 
     @property
     def broker_url(self) -> str:
-        return self.redis_url or f"redis+socket://{self.redis_socket}"
+        """The broker URL in the form Celery/kombu understands (unix sockets: redis+socket://)."""
+        url = self.redis_url or f"unix://{self.redis_socket}"
+        return "redis+socket://" + url[len("unix://"):] if url.startswith("unix://") else url
 
     @property
     def redis_client_url(self) -> str:
-        """The broker URL in the form redis-py understands."""
-        return self.redis_url or f"unix://{self.redis_socket}"
+        """The broker URL in the form redis-py understands (unix sockets: unix://)."""
+        url = self.redis_url or f"unix://{self.redis_socket}"
+        return "unix://" + url[len("redis+socket://"):] if url.startswith("redis+socket://") else url
 
     @property
     def embedded_redis(self) -> bool:

@@ -1,0 +1,49 @@
+"""Production gunicorn config for Kiln's web tier (also used by `make run`).
+
+gthread workers: each process serves several requests at once, which is what lets
+/predict gather concurrent requests into one forward pass. Nothing heavy happens
+in the master (no model, no connection, no CUDA): `preload_app` stays off.
+"""
+import multiprocessing
+import os
+
+bind = os.environ.get("KILN_BIND", f"127.0.0.1:{os.environ.get('PORT', '8000')}")
+workers = int(os.environ.get("WEB_CONCURRENCY", max(1, min(multiprocessing.cpu_count(), 4))))
+worker_class = "gthread"
+threads = int(os.environ.get("KILN_WEB_THREADS", 16))
+# Long-polling log streams and large uploads need more than the default 30 s.
+timeout = int(os.environ.get("KILN_WEB_TIMEOUT", 120))
+graceful_timeout = 30
+keepalive = 5
+preload_app = False
+accesslog = os.environ.get("KILN_ACCESS_LOG", None)
+errorlog = "-"
+loglevel = os.environ.get("KILN_LOG_LEVEL", "info")
+
+# One deliberate torch thread budget per web process: several processes each spinning
+# every core's worth of OpenMP threads collapse throughput on small machines.
+os.environ.setdefault("KILN_TORCH_THREADS", str(max(1, multiprocessing.cpu_count() // workers)))
+os.environ.setdefault("OMP_NUM_THREADS", os.environ["KILN_TORCH_THREADS"])
+
+# prometheus-client multiprocess mode: every worker writes its samples here.
+if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+    home = os.environ.get("KILN_HOME", "var")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(os.path.abspath(home), "prometheus")
+
+
+def on_starting(server):
+    """Start each run with an empty multiprocess directory (stale files double-count)."""
+    path = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    os.makedirs(path, exist_ok=True)
+    for name in os.listdir(path):
+        if name.endswith(".db"):
+            os.unlink(os.path.join(path, name))
+
+
+def child_exit(server, worker):
+    """Drop a dead worker's live gauges from the multiprocess registry."""
+    try:
+        from prometheus_client import multiprocess
+    except ImportError:  # pragma: no cover
+        return
+    multiprocess.mark_process_dead(worker.pid)

@@ -1,0 +1,117 @@
+"""Run outputs besides checkpoints: train.log, metrics.jsonl, TensorBoard, debug activation ranges."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+from pathlib import Path
+
+import torch
+from torch import nn
+
+LOGGER = "kiln.ml"
+
+
+class _ThisThread(logging.Filter):
+    """Only records of the thread that started the run (two runs in one process don't mix logs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ident = threading.get_ident()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.thread == self.ident
+
+
+def open_log(path: Path, console: bool) -> tuple[logging.Logger, list[logging.Handler]]:
+    """Attach file (and console) handlers to the "kiln.ml" logger; close them with close_log."""
+    logger = logging.getLogger(LOGGER)
+    logger.setLevel(logging.INFO)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    handlers: list[logging.Handler] = [logging.FileHandler(path, encoding="utf-8")]
+    if console:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    for h in handlers:
+        h.setFormatter(fmt)
+        h.addFilter(_ThisThread())
+        logger.addHandler(h)
+    return logger, handlers
+
+
+def close_log(handlers: list[logging.Handler]) -> None:
+    logger = logging.getLogger(LOGGER)
+    for h in handlers:
+        logger.removeHandler(h)
+        h.close()
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per line) + TensorBoard scalars, both keyed by global step."""
+
+    def __init__(self, out_dir: Path, resume_step: int | None = None, resume_epoch: int = 0):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.path = out_dir / "metrics.jsonl"
+        if resume_step is not None:
+            self._truncate(resume_step, resume_epoch)
+        # purge_step hides events past the checkpoint that an interrupted run had written.
+        self.tb = SummaryWriter(str(out_dir / "tensorboard"),
+                                purge_step=None if resume_step is None else resume_step + 1)
+        self.file = open(self.path, "a", encoding="utf-8")
+
+    def _truncate(self, step: int, epoch: int) -> None:
+        if not self.path.exists():
+            return
+        keep = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a torn last line from a killed run
+            if row.get("step", 0) > step or (row.get("type") == "epoch" and row.get("epoch", 0) > epoch):
+                continue
+            keep.append(line)
+        self.path.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
+
+    def write(self, row: dict, step: int, tb_prefix: str) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("step", "epoch"):
+                self.tb.add_scalar(f"{tb_prefix}/{key}", value, step)
+            elif isinstance(value, dict):
+                for sub, v in value.items():
+                    self.tb.add_scalar(f"{key}/{sub}", v, step)
+
+    def close(self) -> None:
+        self.file.close()
+        self.tb.close()
+
+
+class ActivationMonitor:
+    """debug: forward hooks record each leaf module's output range and fail fast on NaN/Inf."""
+
+    def __init__(self, model: nn.Module):
+        self.ranges: dict[str, tuple[float, float]] = {}
+        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in model.named_modules()
+                        if name and not any(True for _ in m.children())]
+
+    def _hook(self, name: str):
+        def hook(module, inputs, output):
+            if isinstance(output, torch.Tensor) and output.is_floating_point() and output.numel():
+                lo, hi = torch.aminmax(output.detach())
+                lo, hi = float(lo), float(hi)
+                if not (torch.isfinite(torch.tensor([lo, hi])).all()):
+                    raise ValueError(f"non-finite activation in module '{name}' ({type(module).__name__}): "
+                                     f"range [{lo}, {hi}]; lower training.lr or check the inputs")
+                self.ranges[name] = (lo, hi)
+        return hook
+
+    def log(self, logger: logging.Logger, step: int) -> None:
+        for name, (lo, hi) in self.ranges.items():
+            logger.info("step %d activation %s range [%.4g, %.4g]", step, name, lo, hi)
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()

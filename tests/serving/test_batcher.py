@@ -1,0 +1,123 @@
+"""The dynamic batcher: batching under concurrency, isolation of bad items, no delay when idle."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from web.batcher import Batcher, BatcherClosed
+
+
+def doubler(calls: list):
+    def fn(items):
+        calls.append(len(items))
+        for x in items:
+            if x == "bad":
+                raise ValueError("bad item")
+        return [x * 2 for x in items]
+    return fn
+
+
+def test_lone_request_runs_without_waiting_for_max_delay():
+    # An hour of max delay: if an idle batcher waited for company, this would time out.
+    b = Batcher(doubler([]), max_batch_size=8, max_delay_ms=3_600_000)
+    try:
+        assert b.submit(21).result(timeout=30) == 42
+        assert b.submit(1).result(timeout=30) == 2
+    finally:
+        b.close()
+
+
+def test_concurrent_submissions_share_forward_calls():
+    calls: list[int] = []
+    gate = threading.Event()
+
+    def slow(items):
+        gate.wait(timeout=30)  # hold the first batch so the rest queue up behind it
+        return doubler(calls)(items)
+
+    b = Batcher(slow, max_batch_size=16, max_delay_ms=50)
+    try:
+        futures = [b.submit(i) for i in range(40)]
+        gate.set()
+        assert [f.result(timeout=30) for f in futures] == [2 * i for i in range(40)]
+        assert len(calls) < 40 and max(calls) <= 16 and sum(calls) == 40
+    finally:
+        b.close()
+
+
+def test_announced_requests_are_gathered_into_one_batch():
+    calls: list[int] = []
+    b = Batcher(doubler(calls), max_batch_size=4, max_delay_ms=3_600_000)
+    try:
+        slots = [b.incoming() for _ in range(4)]
+        handles = [s.__enter__() for s in slots]
+        futures = [h.submit(i) for i, h in enumerate(handles)]
+        for s in slots:
+            s.__exit__(None, None, None)
+        assert [f.result(timeout=30) for f in futures] == [0, 2, 4, 6]
+        # the first waited for the three announced ones (the batch fills to 4 and goes at once)
+        assert calls == [4]
+    finally:
+        b.close()
+
+
+def test_abandoned_announcement_does_not_stall_the_batch():
+    calls: list[int] = []
+    b = Batcher(doubler(calls), max_batch_size=8, max_delay_ms=3_600_000)
+    try:
+        with b.incoming():
+            fut = b.submit(5)
+            # a request that fails decoding leaves the block without submitting
+        assert fut.result(timeout=30) == 10
+    finally:
+        b.close()
+
+
+def test_bad_item_fails_only_its_own_future():
+    calls: list[int] = []
+    gate = threading.Event()
+
+    def held(items):
+        gate.wait(timeout=30)
+        return doubler(calls)(items)
+
+    b = Batcher(held, max_batch_size=8, max_delay_ms=0)
+    try:
+        futures = [b.submit(x) for x in (1, 2, "bad", 4)]
+        gate.set()
+        assert futures[0].result(timeout=30) == 2
+        assert futures[1].result(timeout=30) == 4
+        with pytest.raises(ValueError, match="bad item"):
+            futures[2].result(timeout=30)
+        assert futures[3].result(timeout=30) == 8
+    finally:
+        b.close()
+
+
+def test_payload_sizes_respect_max_batch_size():
+    calls: list[int] = []
+    gate = threading.Event()
+
+    def fn(items):
+        gate.wait(timeout=30)
+        calls.append(sum(len(x) for x in items))
+        return [len(x) for x in items]
+
+    b = Batcher(fn, max_batch_size=5, max_delay_ms=0, size=len)
+    try:
+        futures = [b.submit([0] * n) for n in (3, 3, 2, 6)]
+        gate.set()
+        assert [f.result(timeout=30) for f in futures] == [3, 3, 2, 6]
+        assert all(c <= 5 for c in calls[:-1]) and calls[-1] == 6  # an oversized payload runs alone
+    finally:
+        b.close()
+
+
+def test_close_finishes_queued_work_then_rejects():
+    b = Batcher(doubler([]), max_batch_size=4, max_delay_ms=0)
+    fut = b.submit(3)
+    b.close()
+    assert fut.result(timeout=30) == 6
+    with pytest.raises(BatcherClosed):
+        b.submit(1)

@@ -1,0 +1,223 @@
+"""POST /predict: synchronous classification with dynamic batching.
+
+Every input is decoded and validated in the request thread before it reaches the
+batch, so one bad image fails only its own request. torch is imported lazily (on the
+first /predict), never when the app is created.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+import os
+import re
+import threading
+import warnings
+from concurrent.futures import TimeoutError as FutureTimeout
+
+from flask import Blueprint, current_app, jsonify, request
+from PIL import Image, UnidentifiedImageError
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from configs.schema import MODEL_REF_RE
+from web.batcher import BatcherClosed, ModelServer, QueueFull
+from worker.errors import InvalidInput, KilnError, PayloadTooLarge, Unavailable
+
+bp = Blueprint("predict", __name__)
+
+
+@bp.record_once
+def _bombs_are_errors(state) -> None:
+    # PIL only *warns* between MAX_IMAGE_PIXELS and twice that; make it an error we can answer
+    # with 422. A filter, not catch_warnings(), because catch_warnings is not thread-safe.
+    warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+
+PREDICT_TIMEOUT_S = 30.0  # a request waits this long for its batch, then answers 503
+_server_lock = threading.Lock()
+
+
+class BadRequest(KilnError):
+    status, code = 400, "bad_request"
+
+
+class UnsupportedMediaType(KilnError):
+    status, code = 415, "unsupported_media_type"
+
+
+def _settings():
+    app = current_app
+    settings = app.config.get("KILN_SETTINGS")
+    return settings if settings is not None else app.extensions["kiln"].settings
+
+
+def torch_threads(settings) -> int:
+    """settings.torch_threads, or cores // gunicorn workers (WEB_CONCURRENCY), at least 1."""
+    if settings.torch_threads > 0:
+        return settings.torch_threads
+    workers = int(os.environ.get("WEB_CONCURRENCY", "1") or 1)  # set by gunicorn deployments
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+def model_server() -> ModelServer:
+    """The process-wide ModelServer of this app, created on first use."""
+    app = current_app
+    server = app.extensions.get("kiln.serving")
+    if server is None:
+        with _server_lock:
+            server = app.extensions.get("kiln.serving")
+            if server is None:
+                s = _settings()
+                server = ModelServer(app.extensions["kiln"].resolve_model, max_batch_size=s.max_batch_size,
+                                     max_delay_ms=s.max_delay_ms, refresh_s=s.model_refresh_s,
+                                     torch_threads=torch_threads(s))
+                app.extensions["kiln.serving"] = server
+    return server
+
+
+# ---------------------------------------------------------------- decoding
+
+def decode_image(data: bytes, index: int, max_pixels: int) -> Image.Image:
+    """Bytes -> fully decoded PIL image; 4xx errors name the input and the problem."""
+    if not data:
+        raise InvalidInput(f"input {index}: empty image", code="empty_image")
+    try:
+        image = Image.open(io.BytesIO(data))  # reads the header only
+        width, height = image.size
+        if width * height > max_pixels:
+            raise _too_many_pixels(index, width, height, max_pixels)
+        image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise _too_many_pixels(index, None, None, max_pixels) from None
+    except UnidentifiedImageError:
+        raise InvalidInput(f"input {index}: not an image PIL can read (send PNG, JPEG, ...)",
+                           code="not_an_image") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise InvalidInput(f"input {index}: truncated or corrupt image ({exc})", code="corrupt_image") from None
+    return image
+
+
+def _too_many_pixels(index, width, height, max_pixels) -> InvalidInput:
+    size = f" ({width}x{height})" if width else ""
+    return InvalidInput(f"input {index}: image{size} has more than {max_pixels} pixels; "
+                        "resize it before sending", code="image_too_large")
+
+
+def _b64(text: str, index: int) -> bytes:
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidInput(f"input {index}: string is not valid base64", code="invalid_base64") from None
+
+
+def _check_numbers(value, index: int, depth: int = 0) -> None:
+    """Nested lists of finite numbers only (the Predictor checks the shape)."""
+    if depth > 3:
+        raise InvalidInput(f"input {index}: too deeply nested; expected [H][W] or [H][W][C]", code="bad_shape")
+    for v in value:
+        if isinstance(v, list):
+            _check_numbers(v, index, depth + 1)
+        elif isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise InvalidInput(f"input {index}: pixel arrays hold numbers, found {type(v).__name__}",
+                               code="bad_shape")
+        elif not math.isfinite(v):
+            raise InvalidInput(f"input {index}: contains NaN or Inf", code="not_finite")
+
+
+def read_inputs(settings) -> list:
+    """The request's inputs, in order: PIL images or nested pixel lists."""
+    limit = settings.max_predict_images
+    if request.content_length is not None and request.content_length > settings.max_request_bytes:
+        raise PayloadTooLarge(f"request body is {request.content_length} bytes; the limit is "
+                              f"{settings.max_request_bytes}")
+    request.max_content_length = settings.max_request_bytes  # also bounds chunked bodies
+    mimetype = request.mimetype or ""
+    if mimetype == "multipart/form-data":
+        raws = [f.read() for f in request.files.getlist("image")]
+        if not raws:
+            raise BadRequest("multipart body has no `image` field; send files as image=@file.png")
+        items = raws
+    elif mimetype.startswith("image/") or mimetype == "application/octet-stream":
+        items = [request.get_data(cache=False)]
+    elif mimetype == "application/json":
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict) or not isinstance(body.get("instances"), list):
+            raise BadRequest('JSON body must be {"instances": [...]} with base64 images or pixel arrays')
+        items = body["instances"]
+    else:
+        raise UnsupportedMediaType(f"unsupported content type {mimetype or '(none)'}; send multipart "
+                                   "`image` fields, a raw image/* body or JSON {\"instances\": [...]}")
+    if not items:
+        raise BadRequest("no inputs: send at least one image")
+    if len(items) > limit:
+        raise InvalidInput(f"{len(items)} images in one request; the limit is {limit}", code="too_many_images")
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, dict) and isinstance(item.get("b64"), str):
+            item = item["b64"]
+        if isinstance(item, (bytes, bytearray)):
+            out.append(decode_image(bytes(item), i, settings.max_image_pixels))
+        elif isinstance(item, str):
+            out.append(decode_image(_b64(item, i), i, settings.max_image_pixels))
+        elif isinstance(item, list):
+            _check_numbers(item, i)
+            out.append(item)
+        else:
+            raise InvalidInput(f"input {i}: expected a base64 image string or a nested list of pixels, "
+                               f"got {type(item).__name__}", code="bad_input")
+    return out
+
+
+# ------------------------------------------------------------------- route
+
+def _query_top_k(num_classes: int) -> int:
+    raw = request.args.get("top_k", "5")
+    if not re.fullmatch(r"[0-9]{1,6}", raw) or int(raw) < 1:
+        raise InvalidInput(f"top_k must be a positive integer, got {raw!r}", code="bad_top_k")
+    return min(int(raw), num_classes)
+
+
+@bp.post("/predict")
+def predict():
+    """Classify one or more images with a registered model (?model=name|name:version|name@alias)."""
+    settings = _settings()
+    ref = request.args.get("model") or settings.default_model
+    if not ref:
+        raise BadRequest("no model given: pass ?model=name, name:version or name@alias "
+                         "(or set KILN_DEFAULT_MODEL)")
+    if not re.fullmatch(MODEL_REF_RE, ref):
+        raise InvalidInput(f"model reference {ref!r} is not name, name:version or name@alias", code="bad_model_ref")
+    try:
+        inputs = read_inputs(settings)
+    except RequestEntityTooLarge:
+        raise PayloadTooLarge(f"request body is over the limit of {settings.max_request_bytes} bytes") from None
+    served = model_server().get(ref)
+    top_k = _query_top_k(len(served.predictor.classes))
+    try:
+        batch = served.predictor.preprocess(inputs)
+    except ValueError as exc:
+        raise InvalidInput(str(exc), code="bad_input") from None
+    probs = _run(served, batch, ref)
+    return jsonify({"model": {"name": served.name, "version": served.version},
+                    "predictions": served.predictor.postprocess(probs, top_k)})
+
+
+def _run(served, batch, ref):
+    for attempt in (0, 1):
+        try:
+            future = served.batcher.submit(batch)
+        except BatcherClosed:  # the version was swapped out between lookup and submit
+            if attempt:
+                raise Unavailable("model is reloading; retry") from None
+            served = model_server().get(ref)
+            continue
+        except QueueFull as exc:
+            raise Unavailable(f"server busy: {exc}; retry shortly") from None
+        try:
+            return future.result(timeout=PREDICT_TIMEOUT_S)
+        except FutureTimeout:
+            future.cancel()
+            raise Unavailable(f"prediction did not finish within {PREDICT_TIMEOUT_S:g} s; retry") from None
+    raise AssertionError("unreachable")

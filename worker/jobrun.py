@@ -1,0 +1,147 @@
+"""One running job's plumbing: progress at a bounded rate, cached cancel checks, the job's
+directory (local storage or a cache synced to remote storage) and log records tagged with its id."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import shutil
+import time
+from pathlib import Path
+
+log = logging.getLogger("kiln.worker")
+DATASET_ID = re.compile(r"^[0-9a-f]{32}$")
+PROGRESS_KEYS = ("epoch", "epochs", "step", "total_steps", "percent", "eta_s")
+
+# ------------------------------------------------------------------ logging: job id on every record
+_current_job = "-"
+_factory_installed = False
+
+
+def install_log_factory() -> None:
+    """Give every log record a ``job_id`` attribute ("-" outside a job); idempotent."""
+    global _factory_installed
+    if _factory_installed:
+        return
+    base = logging.getLogRecordFactory()
+
+    def factory(*args, **kwargs):
+        record = base(*args, **kwargs)
+        record.job_id = _current_job
+        return record
+
+    logging.setLogRecordFactory(factory)
+    _factory_installed = True
+
+
+@contextlib.contextmanager
+def job_id_logging(job_id: str):
+    global _current_job
+    install_log_factory()
+    previous, _current_job = _current_job, job_id
+    try:
+        yield
+    finally:
+        _current_job = previous
+
+
+# ------------------------------------------------------------------ directories
+def work_dir_for(ctx, job_id: str) -> Path:
+    """storage's jobs/<id> when local; else a cache dir primed with what remote storage has (last.pt)."""
+    local = ctx.storage.local_path(f"jobs/{job_id}")
+    if local is not None:
+        local.mkdir(parents=True, exist_ok=True)
+        return local
+    cache = ctx.settings.cache_path / "jobs" / job_id
+    if cache.exists():
+        shutil.rmtree(cache)  # a previous attempt's leftovers may be newer than what was synced
+    cache.mkdir(parents=True)
+    ctx.storage.get_dir(f"jobs/{job_id}", cache)
+    return cache
+
+
+def resolve_datasets(ctx, config: dict) -> dict[str, str]:
+    """Uploaded dataset ids in the config -> local folders (downloaded into the cache when remote)."""
+    ds = (config.get("data") or {}).get("dataset")
+    if not isinstance(ds, str) or not DATASET_ID.match(ds):
+        return {}
+    prefix = f"datasets/{ds}"
+    local = ctx.storage.local_path(prefix)
+    if local is not None:
+        if not local.is_dir():
+            raise ValueError(f"dataset {ds} is not in storage; upload it again with POST /v1/datasets")
+        return {ds: str(local)}
+    dest = ctx.settings.cache_path / "datasets" / ds
+    if not (dest / ".complete").exists():
+        tmp = dest.with_name(dest.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        if ctx.storage.get_dir(prefix, tmp) == 0:
+            raise ValueError(f"dataset {ds} is not in storage; upload it again with POST /v1/datasets")
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+        (dest / ".complete").touch()
+    return {ds: str(dest)}
+
+
+# ------------------------------------------------------------------ the run
+class JobRun:
+    """Callables handed to a runner: ``report(progress)`` and ``should_stop()``."""
+
+    def __init__(self, job: dict, ctx, owner: str, lease):
+        self.job, self.ctx, self.owner, self.lease = job, ctx, owner, lease
+        self.work_dir: Path | None = None
+        self.dataset_roots: dict[str, str] = {}
+        self.step = 0
+        self._pending: dict | None = None
+        self._last_write = 0.0
+        self._last_check = 0.0
+        self._cancel = False
+        self.every_s = ctx.settings.progress_every_s
+
+    @property
+    def remote(self) -> bool:
+        return self.ctx.storage.local_path("") is None
+
+    def report(self, p: dict) -> None:
+        """Progress from the runner; written to the store at most every progress_every_s (and at each epoch)."""
+        self.step = int(p.get("step") or self.step)
+        self._pending = p
+        event = p.get("event")
+        if event in ("start", "epoch", "end") or time.monotonic() - self._last_write >= self.every_s:
+            self.flush()
+        if event == "epoch":
+            self.sync()
+
+    def flush(self, final: bool = False) -> None:
+        p, self._pending = self._pending, None
+        if p is None:
+            return
+        progress = {k: p.get(k) for k in PROGRESS_KEYS}
+        try:
+            self.ctx.store.update_progress(self.job["id"], self.owner, progress, p.get("metrics") or None,
+                                           p.get("best") or None)
+            self._last_write = time.monotonic()
+        except Exception as exc:  # progress is best effort; the heartbeat decides liveness
+            log.warning("progress update failed: %s", exc)
+
+    def should_stop(self) -> bool:
+        """True when a cancel was requested (read at a bounded rate) or the lease was lost."""
+        if self.lease is not None and self.lease.lost.is_set():
+            return True
+        now = time.monotonic()
+        if not self._cancel and now - self._last_check >= min(self.every_s, 1.0):
+            self._last_check = now
+            try:
+                self._cancel = self.ctx.store.cancel_requested(self.job["id"])
+            except Exception as exc:
+                log.warning("cancel check failed: %s", exc)
+        return self._cancel
+
+    def sync(self) -> None:
+        """Remote storage: upload the job directory (after each epoch and at the end)."""
+        if self.work_dir is None or not self.remote:
+            return
+        try:
+            self.ctx.storage.put_dir(self.work_dir, f"jobs/{self.job['id']}")
+        except Exception as exc:
+            log.warning("syncing the job directory to storage failed: %s", exc)

@@ -1,0 +1,322 @@
+"""Model registry: immutable numbered versions of named models, and movable aliases.
+
+A version is a finished job's best (or last) checkpoint, slimmed to what serving
+needs and stored as models/<name>/<version>/model.pt (weights_only-loadable),
+model.safetensors (weights) and card.json (classes, normalisation, config,
+metrics, sha256, source job). Version numbers come from a unique (name, version)
+constraint plus retry, so concurrent registrations never share a number. torch is
+imported only inside functions that need it (the facade must stay torch-free).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from worker.errors import Conflict, InvalidInput, NotFound
+
+NAME_RE = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+REF_RE = re.compile(rf"^(?P<name>{NAME_RE})(?::(?P<version>[0-9]{{1,9}})|@(?P<alias>{NAME_RE}))?$")
+DEFAULT_ALIAS = "production"  # what a bare "name" resolves to when set; else the latest version
+SLIM_KEYS = ("config", "classes", "normalization", "image_size", "in_channels", "metrics", "best", "versions")
+
+
+def model_prefix(name: str, version: int) -> str:
+    return f"models/{name}/{version}"
+
+
+def parse_ref(ref: str) -> tuple[str, int | None, str | None]:
+    """'name' | 'name:3' | 'name@production' -> (name, version or None, alias or None)."""
+    m = REF_RE.match(ref or "")
+    if not m:
+        raise InvalidInput(f"model reference {ref!r} must be name, name:version or name@alias")
+    return m["name"], int(m["version"]) if m["version"] else None, m["alias"]
+
+
+def _check_name(value: str, what: str) -> None:
+    if not isinstance(value, str) or not re.fullmatch(NAME_RE, value):
+        raise InvalidInput(f"{what} {value!r} must be 1-64 letters, digits, '_', '.' or '-' "
+                           "(starting with a letter or digit)", [{"field": what, "message": f"must match {NAME_RE}"}])
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _iso(value) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.isoformat().replace("+00:00", "Z")
+
+
+def _table(name: str, orm_class: str) -> sa.Table:
+    """The worker store's table, whether worker.db exposes Core tables or ORM classes."""
+    from worker import db
+
+    table = getattr(db, name, None)
+    if isinstance(table, sa.Table):
+        return table
+    return getattr(db, orm_class).__table__
+
+
+def build_artifacts(ckpt: dict, *, name: str, job_id: str, checkpoint: str) -> tuple[bytes, bytes, dict]:
+    """A training checkpoint -> (model.pt bytes, model.safetensors bytes, card without version)."""
+    import torch
+    from safetensors.torch import save as save_safetensors
+
+    missing = [k for k in ("model", "config", "classes", "normalization") if k not in ckpt]
+    if missing:
+        raise InvalidInput(f"checkpoint lacks {', '.join(missing)}; it is not a Kiln training checkpoint")
+    slim = {"format": ckpt.get("format", "kiln.checkpoint/1"), "kind": "model", "model": ckpt["model"],
+            **{k: ckpt[k] for k in SLIM_KEYS if k in ckpt}, "epoch": ckpt.get("epoch"), "step": ckpt.get("step")}
+    buf = io.BytesIO()
+    torch.save(slim, buf)
+    model_pt = buf.getvalue()
+    # safetensors refuses shared storage; clone gives each tensor its own.
+    weights = {k: v.detach().cpu().contiguous().clone() for k, v in ckpt["model"].items()}
+    card = {"name": name, "classes": list(ckpt["classes"]), "normalization": ckpt["normalization"],
+            "image_size": ckpt.get("image_size"), "in_channels": ckpt.get("in_channels"),
+            "config": ckpt["config"], "metrics": ckpt.get("metrics") or {}, "best": ckpt.get("best") or {},
+            "epoch": ckpt.get("epoch"), "source": {"job_id": job_id, "checkpoint": checkpoint},
+            "sha256": hashlib.sha256(model_pt).hexdigest(), "files": ["model.pt", "model.safetensors", "card.json"]}
+    return model_pt, save_safetensors(weights), card
+
+
+class Registry:
+    """Registry operations over the job store's tables and the artifact Storage."""
+
+    def __init__(self, engine: sa.Engine, storage, *, cache_dir: str | Path, max_retries: int = 20):
+        self.engine, self.storage = engine, storage
+        self.cache_dir = Path(cache_dir)
+        self.versions = _table("model_versions", "ModelVersion")
+        self.aliases = _table("model_aliases", "ModelAlias")
+        self.jobs = _table("jobs", "Job")
+        self.max_retries = max_retries
+
+    @classmethod
+    def from_settings(cls, settings, *, engine: sa.Engine | None = None, storage=None) -> "Registry":
+        """A Registry on the settings' job store and artifact storage (pass the facade's if it has them)."""
+        from worker import db
+        from worker.storage import Storage
+
+        if engine is None:
+            make = getattr(db, "make_engine", None) or getattr(db, "create_engine", None) or getattr(db, "engine")
+            engine = make(settings)
+        return cls(engine, storage if storage is not None else Storage(settings.storage),
+                   cache_dir=settings.cache_path)
+
+    # ------------------------------------------------------------- register
+    def register_model(self, name: str, job_id: str, checkpoint: str = "best") -> dict:
+        """Register a succeeded job's checkpoint as the next version of ``name``; returns the version."""
+        _check_name(name, "name")
+        if checkpoint not in ("best", "last"):
+            raise InvalidInput(f"checkpoint must be best or last, got {checkpoint!r}",
+                               [{"field": "checkpoint", "message": "must be best or last"}])
+        with self.engine.connect() as conn:
+            job = conn.execute(sa.select(self.jobs.c.status, self.jobs.c.kind)
+                               .where(self.jobs.c.id == job_id)).first()
+        if job is None:
+            raise NotFound(f"job {job_id} not found")
+        if job.kind != "train":
+            raise Conflict(f"job {job_id} is a {job.kind} job; only training jobs produce models")
+        if job.status != "succeeded":
+            raise Conflict(f"job {job_id} is {job.status}; only a succeeded job can be registered")
+        path = f"jobs/{job_id}/checkpoints/{checkpoint}.pt"
+        if not self.storage.exists(path):
+            raise NotFound(f"job {job_id} has no {checkpoint} checkpoint ({path}); "
+                           + ("try checkpoint=last" if checkpoint == "best" else "it may have been deleted"))
+        with self._local_copy(path) as local:
+            return self.register_checkpoint(name, local, job_id=job_id, checkpoint=checkpoint)
+
+    def register_checkpoint(self, name: str, path: str | Path, *, job_id: str | None = None,
+                            checkpoint: str = "best") -> dict:
+        """Register a local checkpoint file as the next version of ``name`` (no job checks)."""
+        from ml.checkpoint import load_checkpoint
+
+        _check_name(name, "name")
+        ckpt = load_checkpoint(path, map_location="cpu")
+        model_pt, safetensors_bytes, card = build_artifacts(ckpt, name=name, job_id=job_id, checkpoint=checkpoint)
+        return self._insert_version(name, job_id, checkpoint, model_pt, safetensors_bytes, card)
+
+    def _insert_version(self, name, job_id, checkpoint, model_pt, st_bytes, card) -> dict:
+        for _ in range(self.max_retries):
+            created = _now()
+            try:
+                # The uncommitted row reserves (name, version): a concurrent insert of the same
+                # number waits for us and then fails the unique constraint, so only this
+                # transaction ever writes models/<name>/<version>/.
+                with self.engine.begin() as conn:
+                    latest = conn.execute(sa.select(sa.func.max(self.versions.c.version))
+                                          .where(self.versions.c.name == name)).scalar()
+                    version = (latest or 0) + 1
+                    card = {**card, "version": version, "created_at": _iso(created)}
+                    conn.execute(self.versions.insert().values(
+                        name=name, version=version, job_id=job_id, checkpoint=checkpoint,
+                        card=self._column_value("card", card), sha256=card["sha256"],
+                        created_at=self._column_value("created_at", created)))
+                    prefix = model_prefix(name, version)
+                    self.storage.write_bytes(f"{prefix}/model.pt", model_pt)
+                    self.storage.write_bytes(f"{prefix}/model.safetensors", st_bytes)
+                    self.storage.write_bytes(f"{prefix}/card.json", json.dumps(card, indent=2).encode())
+            except IntegrityError:
+                continue
+            except OperationalError as exc:  # SQLite: a concurrent writer held the lock too long
+                if "locked" not in str(exc):
+                    raise
+                time.sleep(0.05)
+                continue
+            return self.get_version(name, version)
+        raise Conflict(f"could not allocate a version of {name} after {self.max_retries} attempts; retry")
+
+    def _column_value(self, column: str, value):
+        """Adapt to the store's column types (JSON or text card; DateTime or text timestamp)."""
+        kind = self.versions.c[column].type
+        if column == "card":
+            return value if isinstance(kind, sa.JSON) else json.dumps(value)
+        return value if isinstance(kind, sa.DateTime) else _iso(value)
+
+    # ------------------------------------------------------------------ read
+    def _version_dict(self, row, aliases: list[str]) -> dict:
+        card = json.loads(row.card) if isinstance(row.card, str) else (row.card or {})
+        return {"name": row.name, "version": row.version, "job_id": row.job_id, "checkpoint": row.checkpoint,
+                "sha256": row.sha256, "created_at": _iso(row.created_at), "aliases": sorted(aliases),
+                "metrics": card.get("metrics", {}), "best": card.get("best", {}), "classes": card.get("classes"),
+                "model": (card.get("config") or {}).get("model", {}).get("name")}
+
+    def get_version(self, name: str, version: int) -> dict:
+        return next(v for v in self.get_model(name)["versions"] if v["version"] == version)
+
+    def list_models(self) -> dict:
+        """Every model: versions (with metrics) and aliases, names in order."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(self.versions).order_by(self.versions.c.name, self.versions.c.version)).all()
+            alias_rows = conn.execute(sa.select(self.aliases)).all()
+        return {"models": [self._model_dict(name, rows, alias_rows) for name in dict.fromkeys(r.name for r in rows)]}
+
+    def get_model(self, name: str) -> dict:
+        """One model with its versions and aliases; NotFound when it has no version."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(self.versions).where(self.versions.c.name == name)
+                                .order_by(self.versions.c.version)).all()
+            alias_rows = conn.execute(sa.select(self.aliases).where(self.aliases.c.name == name)).all()
+        if not rows:
+            raise NotFound(f"model {name!r} not found; register one with POST /v1/models")
+        return self._model_dict(name, rows, alias_rows)
+
+    def _model_dict(self, name: str, rows, alias_rows) -> dict:
+        aliases = {a.alias: a.version for a in alias_rows if a.name == name}
+        versions = [self._version_dict(r, [a for a, v in aliases.items() if v == r.version])
+                    for r in rows if r.name == name]
+        return {"name": name, "latest_version": versions[-1]["version"], "aliases": aliases, "versions": versions}
+
+    # --------------------------------------------------------------- aliases
+    def set_alias(self, name: str, alias: str, version: int) -> dict:
+        """Point ``alias`` of ``name`` at ``version`` (creating or moving it); returns the model."""
+        _check_name(alias, "alias")
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise InvalidInput("version must be an integer", [{"field": "version", "message": "must be an integer"}])
+        for _ in range(self.max_retries):
+            try:
+                with self.engine.begin() as conn:
+                    exists = conn.execute(sa.select(self.versions.c.version).where(
+                        self.versions.c.name == name, self.versions.c.version == version)).first()
+                    if exists is None:
+                        self._raise_missing_version(conn, name, version)
+                    key = (self.aliases.c.name == name) & (self.aliases.c.alias == alias)
+                    updated = conn.execute(self.aliases.update().where(key).values(version=version)).rowcount
+                    if not updated:
+                        conn.execute(self.aliases.insert().values(name=name, alias=alias, version=version))
+            except IntegrityError:  # someone created the same alias at the same moment: update it
+                continue
+            return self.get_model(name)
+        raise Conflict(f"alias {name}@{alias} is being changed concurrently; retry")
+
+    def _raise_missing_version(self, conn, name: str, version: int):
+        any_version = conn.execute(sa.select(self.versions.c.version).where(self.versions.c.name == name)
+                                   .limit(1)).first()
+        if any_version is None:
+            raise NotFound(f"model {name!r} not found")
+        raise NotFound(f"model {name!r} has no version {version}")
+
+    # --------------------------------------------------------------- resolve
+    def resolve_model(self, ref: str) -> dict:
+        """'name' | 'name:version' | 'name@alias' -> {name, version, path (local model.pt), card}."""
+        name, version, alias = parse_ref(ref)
+        with self.engine.connect() as conn:
+            if alias is not None or version is None:
+                row = conn.execute(sa.select(self.aliases.c.version).where(
+                    self.aliases.c.name == name, self.aliases.c.alias == (alias or DEFAULT_ALIAS))).first()
+                if row is None and alias is not None:
+                    if not self._has_model(conn, name):
+                        raise NotFound(f"model {name!r} not found")
+                    raise NotFound(f"model {name!r} has no alias {alias!r}")
+                if row is not None:
+                    version = row.version
+                else:
+                    version = conn.execute(sa.select(sa.func.max(self.versions.c.version))
+                                           .where(self.versions.c.name == name)).scalar()
+                    if version is None:
+                        raise NotFound(f"model {name!r} not found")
+            vrow = conn.execute(sa.select(self.versions).where(
+                self.versions.c.name == name, self.versions.c.version == version)).first()
+            if vrow is None:
+                self._raise_missing_version(conn, name, version)
+        card = json.loads(vrow.card) if isinstance(vrow.card, str) else vrow.card
+        return {"name": name, "version": version, "path": str(self._fetch(name, version, vrow.sha256)), "card": card}
+
+    def _has_model(self, conn, name: str) -> bool:
+        return conn.execute(sa.select(self.versions.c.version).where(self.versions.c.name == name)
+                            .limit(1)).first() is not None
+
+    def _fetch(self, name: str, version: int, sha256: str) -> Path:
+        """Local path of a version's model.pt: in place for local storage, else cached (verified)."""
+        path = f"{model_prefix(name, version)}/model.pt"
+        local = self.storage.local_path(path)
+        if local is not None:
+            if not Path(local).exists():
+                raise NotFound(f"model {name}:{version} is registered but {path} is missing from storage")
+            return Path(local)
+        target = self.cache_dir / "models" / name / str(version) / "model.pt"
+        if target.exists():
+            return target  # versions are immutable: a verified cached copy stays valid
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with self.storage.open(path, "rb") as src:
+            data = src.read()
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise Conflict(f"model {name}:{version}: {path} does not match its recorded sha256")
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".model-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
+        return target
+
+    def _local_copy(self, path: str):
+        """Context manager: a local file for a storage path (temp download for remote storage)."""
+        from contextlib import contextmanager
+
+        @contextmanager
+        def cm():
+            local = self.storage.local_path(path)
+            if local is not None:
+                yield Path(local)
+                return
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.cache_dir, suffix=".pt") as tmp:
+                with self.storage.open(path, "rb") as src:
+                    tmp.write(src.read())
+                tmp.flush()
+                yield Path(tmp.name)
+        return cm()

@@ -1,0 +1,164 @@
+"""Artifact storage over fsspec: a local directory by default, any fsspec URL (s3://, gs://...) otherwise.
+
+Paths are relative POSIX paths (``jobs/<id>/train.log``); anything that could escape
+the root (``..``, absolute paths, backslashes, NUL) is refused. Writes are atomic:
+a temp file renamed into place locally; object stores write whole objects anyway.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import tempfile
+from pathlib import Path
+
+import fsspec
+
+from worker.errors import InvalidInput
+
+CHUNK = 1 << 20
+
+
+def clean_path(path: str) -> str:
+    """Normalise a relative storage path; InvalidInput if it is absolute or escapes the root."""
+    if not isinstance(path, str) or "\x00" in path or "\\" in path:
+        raise InvalidInput(f"invalid path {path!r}: use '/'-separated relative paths")
+    if path.startswith("/") or (len(path) > 1 and path[1] == ":"):
+        raise InvalidInput(f"invalid path {path!r}: absolute paths are not allowed")
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise InvalidInput(f"invalid path {path!r}: '..' is not allowed")
+    return "/".join(parts)
+
+
+def sha256_file(fileobj) -> str:
+    h = hashlib.sha256()
+    for chunk in iter(lambda: fileobj.read(CHUNK), b""):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+class Storage:
+    """Files under one root (local directory or fsspec URL)."""
+
+    def __init__(self, url: str | os.PathLike):
+        url = str(url)
+        self.url = url
+        self.fs, root = fsspec.core.url_to_fs(url)
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        self.is_local = "file" in protocols
+        self.root = str(Path(root).resolve()) if self.is_local else root.rstrip("/")
+        if self.is_local:
+            Path(self.root).mkdir(parents=True, exist_ok=True)
+
+    def _full(self, path: str) -> str:
+        rel = clean_path(path)
+        return posixpath.join(self.root, rel) if rel else self.root
+
+    def local_path(self, path: str = "") -> Path | None:
+        """The local filesystem path of ``path`` when storage is a local directory, else None."""
+        return Path(self._full(path)) if self.is_local else None
+
+    def open(self, path: str, mode: str = "rb"):
+        full = self._full(path)
+        if "w" in mode or "a" in mode:
+            self.fs.makedirs(posixpath.dirname(full), exist_ok=True)
+        return self.fs.open(full, mode)
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Write ``data`` atomically: readers see the old file or the new one, never a torn one."""
+        full = self._full(path)
+        if not self.is_local:
+            with self.fs.open(full, "wb") as f:
+                f.write(data)
+            return
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(full), prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, full)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def read_bytes(self, path: str) -> bytes:
+        with self.open(path, "rb") as f:
+            return f.read()
+
+    def put_file(self, local: str | os.PathLike, path: str) -> None:
+        """Copy a local file into storage (atomically when storage is local)."""
+        full = self._full(path)
+        if not self.is_local:
+            self.fs.put_file(str(local), full)
+            return
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(full), prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as dst, open(local, "rb") as src:
+                for chunk in iter(lambda: src.read(CHUNK), b""):
+                    dst.write(chunk)
+            os.replace(tmp, full)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def put_dir(self, local_dir: str | os.PathLike, prefix: str) -> int:
+        """Upload every file under ``local_dir`` to ``prefix``/...; returns the number of files."""
+        local_dir = Path(local_dir)
+        count = 0
+        for p in sorted(local_dir.rglob("*")):
+            if p.is_file() and not p.name.startswith(".tmp-"):
+                self.put_file(p, f"{prefix}/{p.relative_to(local_dir).as_posix()}")
+                count += 1
+        return count
+
+    def get_dir(self, prefix: str, local_dir: str | os.PathLike) -> int:
+        """Download every file under ``prefix`` into ``local_dir`` (remote storage -> worker cache)."""
+        count = 0
+        for item in self.list(prefix, checksums=False):
+            dest = Path(local_dir) / item["name"]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            self.fs.get_file(self._full(f"{prefix}/{item['name']}"), str(dest))
+            count += 1
+        return count
+
+    def exists(self, path: str) -> bool:
+        return self.fs.exists(self._full(path))
+
+    def isdir(self, path: str) -> bool:
+        return self.fs.isdir(self._full(path))
+
+    def size(self, path: str) -> int:
+        return int(self.fs.size(self._full(path)))
+
+    def list(self, prefix: str, checksums: bool = True) -> list[dict]:
+        """Files under ``prefix``: [{name (relative to prefix), size, sha256}], sorted by name."""
+        base = self._full(prefix)
+        if not self.fs.isdir(base):
+            return []
+        out = []
+        for full, info in sorted(self.fs.find(base, detail=True).items()):
+            if info.get("type") != "file":
+                continue
+            name = posixpath.relpath(full if self.is_local else full.lstrip("/"),
+                                     base if self.is_local else base.lstrip("/"))
+            if posixpath.basename(name).startswith(".tmp-"):
+                continue  # an atomic write in progress
+            item = {"name": name, "size": int(info.get("size") or 0)}
+            if checksums:
+                with self.fs.open(full, "rb") as f:
+                    item["sha256"] = sha256_file(f)
+            out.append(item)
+        return out
+
+    def delete(self, prefix: str) -> None:
+        full = self._full(prefix)
+        if full == self.root:
+            raise InvalidInput("refusing to delete the whole storage root")
+        if self.fs.exists(full):
+            self.fs.rm(full, recursive=True)

@@ -1,0 +1,242 @@
+"""JobStore: the job rows are the source of truth; every state change is a compare-and-set.
+
+Each transition is one conditional UPDATE (``WHERE status = <expected>``) so two
+processes can never both win it, and each writes a job_events row with its reason.
+A lease (owner, heartbeat, expiry) is taken atomically before a job runs.
+"""
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import sqlalchemy as sa
+
+from worker import db
+from worker.errors import Conflict, NotFound
+
+STATES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
+TERMINAL = ("succeeded", "failed", "cancelled")
+ACTIVE = ("running", "cancelling")
+ALLOWED = {  # from -> the states it may move to; terminal states move nowhere
+    "queued": {"running", "cancelled", "failed"},
+    "running": {"succeeded", "failed", "cancelled", "cancelling", "queued"},
+    "cancelling": {"cancelled", "failed", "succeeded", "queued"},
+}
+J = db.jobs
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """SQLite hands timestamps back naive; they were written as UTC."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=timezone.utc)
+
+
+def iso(value: datetime | None) -> str | None:
+    value = as_utc(value)
+    return None if value is None else value.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class JobStore:
+    """Job rows, guarded transitions, leases, progress and cancel requests."""
+
+    def __init__(self, engine: sa.Engine):
+        self.engine = engine
+
+    @classmethod
+    def from_settings(cls, settings) -> "JobStore":
+        return cls(db.make_engine(settings))
+
+    # ------------------------------------------------------------------ rows
+    def create(self, kind: str, config: dict, *, max_attempts: int = 3, job_id: str | None = None) -> dict:
+        """Insert a queued job; returns its row as a dict."""
+        now = utcnow()
+        values = dict(id=job_id or uuid.uuid4().hex, kind=kind, status="queued", config=config, attempts=0,
+                      max_attempts=max_attempts, cancel_requested=False, created_at=now, updated_at=now)
+        with self.engine.begin() as conn:
+            conn.execute(J.insert().values(**values))
+            self._event(conn, values["id"], None, "queued", "submitted", now)
+        return self.get(values["id"])
+
+    def get(self, job_id: str) -> dict:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(J).where(J.c.id == job_id)).mappings().first()
+        if row is None:
+            raise NotFound(f"job {job_id!r} not found; list jobs with GET /v1/jobs")
+        return dict(row)
+
+    def list(self, status: str | None = None, kind: str | None = None, limit: int = 50,
+             offset: int = 0) -> tuple[list[dict], int]:
+        """A page of jobs, newest first, and the total matching the filters."""
+        where = [c for c in ((J.c.status == status) if status else None,
+                             (J.c.kind == kind) if kind else None) if c is not None]
+        with self.engine.connect() as conn:
+            total = conn.execute(sa.select(sa.func.count()).select_from(J).where(*where)).scalar_one()
+            rows = conn.execute(sa.select(J).where(*where).order_by(J.c.created_at.desc(), J.c.id)
+                                .limit(limit).offset(offset)).mappings().all()
+        return [dict(r) for r in rows], int(total)
+
+    def events(self, job_id: str) -> list[dict]:
+        e = db.job_events
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(e).where(e.c.job_id == job_id).order_by(e.c.id)).mappings().all()
+        return [{"from": r["from_status"], "to": r["to_status"], "reason": r["reason"], "at": iso(r["at"])}
+                for r in rows]
+
+    def _event(self, conn, job_id, from_status, to_status, reason, now) -> None:
+        conn.execute(db.job_events.insert().values(job_id=job_id, from_status=from_status, to_status=to_status,
+                                                   reason=reason[:4000], at=now))
+
+    # ----------------------------------------------------------- transitions
+    def transition(self, job_id: str, to: str, reason: str, *, expect: tuple[str, ...] | None = None,
+                   owner: str | None = None, where: tuple = (), **values) -> bool:
+        """Move the job to ``to`` if its status allows it (and is in ``expect``, and ``owner`` holds
+        the lease); a compare-and-set on the status, recorded in job_events. False if it lost."""
+        for _ in range(5):
+            row = self.get(job_id)
+            current = row["status"]
+            if to not in ALLOWED.get(current, ()) or (expect is not None and current not in expect):
+                return False
+            now = utcnow()
+            values_now = {"updated_at": now, **values}
+            if to in TERMINAL:
+                values_now.setdefault("finished_at", now)
+                values_now.update(lease_owner=None, lease_expires=None)
+            cond = [J.c.id == job_id, J.c.status == current, *where]
+            if owner is not None:
+                cond.append(J.c.lease_owner == owner)
+            with self.engine.begin() as conn:
+                # The UPDATE comes first so SQLite takes its write lock at once (no read->write upgrade).
+                won = conn.execute(J.update().where(*cond).values(status=to, **values_now)).rowcount == 1
+                if won:
+                    self._event(conn, job_id, current, to, reason, now)
+                    return True
+            if owner is not None:
+                return False  # lost the lease: someone else decides this job's fate now
+        return False
+
+    def start(self, job_id: str, owner: str, worker: str) -> bool:
+        """queued -> running for the lease holder; counts one attempt."""
+        row = self.get(job_id)
+        return self.transition(job_id, "running", f"started on {worker} (attempt {row['attempts'] + 1})",
+                               expect=("queued",), owner=owner, attempts=J.c.attempts + 1, worker=worker,
+                               error=None, started_at=sa.func.coalesce(J.c.started_at, utcnow()))
+
+    def finish(self, job_id: str, owner: str, status: str, reason: str, error: str | None = None) -> bool:
+        return self.transition(job_id, status, reason, owner=owner, error=error, cancel_requested=False)
+
+    def requeue_lost(self, job_id: str, reason: str, *, owner: str | None = None) -> str | None:
+        """A running job lost its worker: queued again (attempts count the runs), failed after
+        max_attempts, or cancelled if a cancel was pending. Returns the new status or None."""
+        row = self.get(job_id)
+        if row["status"] not in ACTIVE:
+            return None
+        if row["status"] == "cancelling" or row["cancel_requested"]:
+            to, why = "cancelled", f"{reason}; the job was being cancelled"
+        elif row["attempts"] >= row["max_attempts"]:
+            to, why = "failed", f"{reason}; gave up after {row['attempts']} attempts (max_attempts)"
+        else:
+            to, why = "queued", f"{reason}; queued again for attempt {row['attempts'] + 1}"
+        extra = {"error": why} if to == "failed" else {}
+        if owner is not None:  # a worker that retook the stale lease keeps it to run the next attempt
+            guard, lease = (J.c.lease_owner == owner,), {}
+        else:  # the reconciler: only while the lease is still expired
+            guard = (sa.or_(J.c.lease_expires.is_(None), J.c.lease_expires < utcnow()),)
+            lease = {"lease_owner": None, "lease_expires": None}
+        ok = self.transition(job_id, to, why, expect=(row["status"],), where=guard, enqueued_at=None,
+                             **lease, **extra)
+        return to if ok else None
+
+    # ---------------------------------------------------------------- leases
+    def acquire_lease(self, job_id: str, owner: str, ttl_s: float) -> bool:
+        """Take the job's lease if it is free, stale, or already ours (atomic)."""
+        now = utcnow()
+        free = sa.or_(J.c.lease_owner.is_(None), J.c.lease_expires < now, J.c.lease_owner == owner)
+        with self.engine.begin() as conn:
+            return conn.execute(J.update().where(J.c.id == job_id, J.c.status.in_(("queued",) + ACTIVE), free)
+                                .values(lease_owner=owner, lease_expires=now + timedelta(seconds=ttl_s),
+                                        heartbeat_at=now)).rowcount == 1
+
+    def heartbeat(self, job_id: str, owner: str, ttl_s: float) -> bool:
+        """Extend our lease; False when we no longer hold it."""
+        now = utcnow()
+        with self.engine.begin() as conn:
+            return conn.execute(J.update().where(J.c.id == job_id, J.c.lease_owner == owner)
+                                .values(heartbeat_at=now, lease_expires=now + timedelta(seconds=ttl_s))
+                                ).rowcount == 1
+
+    def release_lease(self, job_id: str, owner: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(J.update().where(J.c.id == job_id, J.c.lease_owner == owner)
+                         .values(lease_owner=None, lease_expires=None))
+
+    def stale_active(self, now: datetime | None = None) -> list[str]:
+        """Running/cancelling jobs whose lease expired (their worker is gone)."""
+        now = now or utcnow()
+        with self.engine.connect() as conn:
+            return list(conn.execute(sa.select(J.c.id).where(
+                J.c.status.in_(ACTIVE), sa.or_(J.c.lease_expires.is_(None), J.c.lease_expires < now))).scalars())
+
+    def queued_unsent(self, older_than_s: float, now: datetime | None = None) -> list[str]:
+        """Queued jobs never sent, or sent longer ago than ``older_than_s`` and not leased."""
+        now = now or utcnow()
+        cutoff = now - timedelta(seconds=older_than_s)
+        with self.engine.connect() as conn:
+            return list(conn.execute(sa.select(J.c.id).where(
+                J.c.status == "queued", sa.or_(J.c.lease_owner.is_(None), J.c.lease_expires < now),
+                sa.or_(J.c.enqueued_at.is_(None), J.c.enqueued_at < cutoff)).order_by(J.c.created_at)).scalars())
+
+    def mark_enqueued(self, job_id: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(J.update().where(J.c.id == job_id).values(enqueued_at=utcnow()))
+
+    # -------------------------------------------------------- progress, cancel
+    def update_progress(self, job_id: str, owner: str, progress: dict | None = None,
+                        latest: dict | None = None, best: dict | None = None) -> bool:
+        values = {"updated_at": utcnow()}
+        for key, value in (("progress", progress), ("metrics_latest", latest), ("metrics_best", best)):
+            if value is not None:
+                values[key] = value
+        with self.engine.begin() as conn:
+            return conn.execute(J.update().where(J.c.id == job_id, J.c.lease_owner == owner,
+                                                 J.c.status.in_(ACTIVE)).values(**values)).rowcount == 1
+
+    def request_cancel(self, job_id: str) -> dict:
+        """queued -> cancelled at once; running -> cancelling (the loop stops at a step boundary)."""
+        for _ in range(5):
+            row = self.get(job_id)
+            status = row["status"]
+            if status in TERMINAL:
+                raise Conflict(f"job {job_id} already {status}; only queued or running jobs can be cancelled")
+            if status == "cancelling":
+                return row
+            if status == "queued" and self.transition(job_id, "cancelled", "cancelled by request while queued",
+                                                      expect=("queued",), cancel_requested=True):
+                return self.get(job_id)
+            if status == "running" and self.transition(job_id, "cancelling", "cancel requested",
+                                                       expect=("running",), cancel_requested=True):
+                return self.get(job_id)
+        return self.get(job_id)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        with self.engine.connect() as conn:
+            return bool(conn.execute(sa.select(J.c.cancel_requested).where(J.c.id == job_id)).scalar())
+
+
+def to_dict(row: dict) -> dict:
+    """DESIGN.md's job shape."""
+    p = row.get("progress") or {}
+    progress = {k: p.get(k) for k in ("epoch", "epochs", "step", "total_steps", "percent", "eta_s")}
+    if progress["percent"] is None:
+        progress["percent"] = 100.0 if row["status"] == "succeeded" else 0.0
+    return {"id": row["id"], "kind": row["kind"], "status": row["status"], "attempts": row["attempts"],
+            "max_attempts": row["max_attempts"], "progress": progress,
+            "metrics": {"latest": row.get("metrics_latest") or {}, "best": row.get("metrics_best") or {}},
+            "config": row["config"], "error": row.get("error"), "worker": row.get("worker"),
+            "cancel_requested": bool(row.get("cancel_requested")),
+            "created_at": iso(row["created_at"]), "started_at": iso(row.get("started_at")),
+            "finished_at": iso(row.get("finished_at")), "updated_at": iso(row.get("updated_at"))}
