@@ -91,7 +91,7 @@ def main() -> int:
         py = sys.executable
         children = [
             Child("web", [py, "-m", "gunicorn", "-c", str(ROOT / "deploy/gunicorn.conf.py"), "web.wsgi:app"], env),
-            Child("worker", [py, "-m", "celery", "-A", "worker.celery_main", "worker", "--loglevel=INFO"], env),
+            Child("worker", [py, "-m", "celery", "-A", "worker.celery_main", "worker", "--loglevel=INFO", "-O", "fair"], env),
         ]
         for child in children:
             child.start()
