@@ -90,3 +90,55 @@ def test_bad_config_is_422_naming_each_field(live_service):
 def test_ready_checks_every_dependency(live_service):
     r = requests.get(live_service.url("/ready"), timeout=30)
     assert r.status_code == 200, r.text
+
+
+def _digits_zip(n: int = 120, extra: dict[str, bytes] | None = None) -> bytes:
+    """A real ImageFolder zip: sklearn's digits rendered to PNG under <label>/<k>.png."""
+    import numpy as np
+    import zipfile
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for k in range(n):
+            png = io.BytesIO()
+            Image.fromarray(np.rint(d.images[k] * 255 / 16).astype(np.uint8), "L").save(png, "PNG")
+            z.writestr(f"digits/{d.target[k]}/{k}.png", png.getvalue())
+        for name, data in (extra or {}).items():
+            z.writestr(name, data)
+    return buf.getvalue()
+
+
+def test_uploaded_imagefolder_zip_trains(live_service):
+    s = live_service
+    r = requests.post(s.url("/v1/datasets"), files={"file": ("digits.zip", _digits_zip(), "application/zip")},
+                      data={"name": "digits-upload"}, timeout=60)
+    assert r.status_code == 201, r.text
+    ds = r.json()
+    assert ds["classes"] == [str(i) for i in range(10)] and sum(ds["counts"].values()) == 120
+    config = {"model": {"name": "small_cnn"},
+              "data": {"dataset": ds["id"], "image_size": 16, "num_workers": 0},
+              "training": {"epochs": 2, "batch_size": 16, "device": "cpu"}}
+    done = s.wait(s.submit(config)["id"])
+    assert done["status"] == "succeeded", done
+    r = requests.get(s.url(f"/v1/jobs/{done['id']}/artifacts/checkpoints/best.pt"), timeout=30)
+    import torch
+
+    ckpt = torch.load(io.BytesIO(r.content), weights_only=True)
+    assert ckpt["classes"] == ds["classes"] and ckpt["config"]["model"]["num_classes"] == 10
+
+
+@pytest.mark.parametrize("extra, needle", [
+    ({"../evil.png": b"x"}, "evil.png"),
+    ({"digits/3/notes.png": b"this is not an image"}, "notes.png"),
+    ({"digits/4/bomb.png": b"\0" * (8 << 20)}, "bomb.png"),
+])
+def test_hostile_zip_refused_and_nothing_stored(live_service, extra, needle):
+    s = live_service
+    before = requests.get(s.url("/v1/datasets"), timeout=30).json()
+    r = requests.post(s.url("/v1/datasets"), files={"file": ("d.zip", _digits_zip(20, extra), "application/zip")},
+                      timeout=60)
+    assert 400 <= r.status_code < 500 and needle in r.text, r.text
+    assert requests.get(s.url("/v1/datasets"), timeout=30).json() == before
