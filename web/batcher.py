@@ -43,8 +43,10 @@ class Batcher:
 
     def __init__(self, fn: Callable[[list], Sequence], *, max_batch_size: int = 32,
                  max_delay_ms: float = 5.0, size: Callable[[Any], int] = lambda p: 1,
-                 max_queue: int = 1024, name: str = "batcher"):
+                 max_queue: int = 1024, name: str = "batcher",
+                 on_batch: Callable[[int, float], None] | None = None):
         self.fn, self.size = fn, size
+        self.on_batch = on_batch  # (images in the batch, oldest item's queue wait in s)
         self.max_batch_size = max(1, int(max_batch_size))
         self.max_delay_s = max(0.0, float(max_delay_ms)) / 1000.0
         self.max_queue = max_queue
@@ -75,6 +77,7 @@ class Batcher:
     def submit(self, payload: Any, *, _announced: bool = False) -> Future:
         """Queue one payload; the returned future resolves to its result (or its own exception)."""
         fut: Future = Future()
+        fut.kiln_enqueued = time.monotonic()  # read by _run for the queue-wait metric
         with self._cond:
             if _announced:
                 self._arriving -= 1
@@ -141,6 +144,9 @@ class Batcher:
 
     def _run(self, batch: list) -> None:
         self.calls += 1
+        if self.on_batch is not None:
+            waited = time.monotonic() - min(f.kiln_enqueued for _, f in batch)
+            self.on_batch(sum(self.size(p) for p, _ in batch), waited)
         try:
             results = self.fn([p for p, _ in batch])
             if len(results) != len(batch):
@@ -155,6 +161,12 @@ class Batcher:
             return
         for (_, fut), result in zip(batch, results):
             fut.set_result(result)
+
+
+def _observe_batch(size: int, wait_s: float) -> None:
+    from web.metrics import observe_batch
+
+    observe_batch(size, wait_s)
 
 
 # ---------------------------------------------------------------- model cache
@@ -260,6 +272,7 @@ class ModelServer:
             predictor = self._make_predictor(info)
             batcher = Batcher(_forward(predictor), max_batch_size=self.max_batch_size,
                               max_delay_ms=self.max_delay_ms, size=lambda t: int(t.shape[0]),
+                              on_batch=_observe_batch,
                               name=f"{key[0]}:{key[1]}")
             served = Served(key[0], key[1], predictor, batcher)
             with self._lock:

@@ -162,3 +162,19 @@ def test_models_api(client, trained):
     error_of(client.post("/v1/models", json={"name": "digits", "job_id": "0" * 32}), 404)
     error_of(client.post("/v1/models", json={"name": "digits"}), 422)
     error_of(client.post("/v1/models", json={"name": "bad name", "job_id": "x"}), 422)
+
+
+def test_predict_records_batch_size_and_queue_wait(client, digit_pngs):
+    from prometheus_client import REGISTRY
+
+    def count(name: str) -> float:
+        return REGISTRY.get_sample_value(name) or 0.0
+
+    before = (count("kiln_predict_batch_size_count"), count("kiln_predict_batch_size_sum"),
+              count("kiln_predict_queue_wait_seconds_count"))
+    files = [(io.BytesIO(data), f"{i}.png") for i, (data, _) in enumerate(digit_pngs[:3])]
+    resp = client.post("/predict?model=digits@production", data={"image": files}, content_type="multipart/form-data")
+    assert resp.status_code == 200
+    after = (count("kiln_predict_batch_size_count"), count("kiln_predict_batch_size_sum"),
+             count("kiln_predict_queue_wait_seconds_count"))
+    assert after[0] > before[0] and after[1] - before[1] == 3 and after[2] > before[2]
