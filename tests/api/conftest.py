@@ -11,6 +11,7 @@ import zipfile
 
 import pytest
 
+from tests.conftest import running_app
 from worker.redis_server import RedisServer
 
 POSTGRES_URL = os.environ.get("KILN_TEST_POSTGRES_URL", "")
@@ -65,12 +66,8 @@ def api_settings(request, settings, redis_server):
 
 @pytest.fixture
 def app(api_settings):
-    from web import create_app
-
-    app = create_app(api_settings)
-    app.config.update(TESTING=True, KILN_LOG_POLL_S=0.05, KILN_LOG_FOLLOW_MAX_S=5.0)
-    yield app
-    app.extensions["kiln"].close()
+    with running_app(api_settings, KILN_LOG_POLL_S=0.05, KILN_LOG_FOLLOW_MAX_S=5.0) as app:
+        yield app
 
 
 @pytest.fixture

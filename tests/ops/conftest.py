@@ -6,6 +6,7 @@ import dataclasses
 import pytest
 
 from tests.api.conftest import BACKENDS, POSTGRES_URL, _postgres_schema
+from tests.conftest import running_app
 
 
 @pytest.fixture(params=BACKENDS)
@@ -36,12 +37,8 @@ def tokens(auth_settings):
 
 @pytest.fixture
 def auth_app(auth_settings):
-    from web import create_app
-
-    app = create_app(auth_settings)
-    app.config["TESTING"] = True
-    yield app
-    app.extensions["kiln"].close()
+    with running_app(auth_settings) as app:
+        yield app
 
 
 @pytest.fixture
