@@ -18,19 +18,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from configs.schema import DataConfig
 
-_RESAMPLE = Image.Resampling.BILINEAR
+from ml.images import RESAMPLE as _RESAMPLE
+from ml.images import base_array, to_channels  # noqa: F401  (re-exported)
 _STATS_MAX_IMAGES = 2000      # normalisation stats from at most this many training images
 _TENSORISE_MAX_BYTES = 1 << 30  # in-memory datasets below this are pre-tensorised once
-
-
-def to_channels(image: Image.Image, in_channels: int) -> Image.Image:
-    """Any PIL mode (L, RGB, RGBA, P, ...) -> L (1 channel) or RGB (3 channels)."""
-    mode = "L" if in_channels == 1 else "RGB"
-    if image.mode == mode:
-        return image
-    if image.mode == "P":  # palettes may carry transparency; PIL wants RGBA as the intermediate
-        image = image.convert("RGBA")
-    return image.convert(mode)
 
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:
@@ -53,7 +44,12 @@ def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.T
 
 
 class EvalTransform:
-    """The ONE eval transform (evaluation, inference): PIL image -> normalised float tensor [C,S,S]."""
+    """The ONE eval transform (evaluation, inference): PIL image -> normalised float tensor [C,S,S].
+
+    Two stages, so a server can run the cheap per-image half (``to_array``: decode-side PIL
+    work) in request threads and the tensor half (``batch``) once for a whole batch; both
+    orders give bit-identical tensors.
+    """
 
     def __init__(self, image_size: int, in_channels: int, mean: Sequence[float], std: Sequence[float]):
         self.image_size, self.in_channels = int(image_size), int(in_channels)
@@ -61,6 +57,19 @@ class EvalTransform:
         self.std = torch.tensor([float(s) for s in std], dtype=torch.float32)
         if len(self.mean) != self.in_channels or len(self.std) != self.in_channels:
             raise ValueError(f"mean/std need {self.in_channels} values, got {len(self.mean)}/{len(self.std)}")
+
+    def to_array(self, image: Image.Image) -> np.ndarray:
+        """PIL image (any mode, any size) -> uint8 array [S,S,C]."""
+        return base_array(image, self.image_size, self.in_channels)
+
+    def batch(self, arrays: Sequence[np.ndarray] | np.ndarray, *,
+              memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+        """uint8 arrays [S,S,C] (or one array [N,S,S,C]) -> normalised float Tensor[N,C,S,S]."""
+        stacked = arrays if isinstance(arrays, np.ndarray) else np.stack(arrays)
+        if not stacked.flags.writeable:
+            stacked = stacked.copy()
+        x = torch.from_numpy(stacked).permute(0, 3, 1, 2).float().div_(255.0)
+        return normalize(x, self.mean, self.std).contiguous(memory_format=memory_format)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return normalize(base_tensor(image, self.image_size, self.in_channels), self.mean, self.std)

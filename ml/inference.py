@@ -16,9 +16,8 @@ import torch
 from PIL import Image
 
 from configs.schema import ModelConfig
+from ml import images
 
-_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
-_MIN_SIDE = 1
 
 
 class Predictor:
@@ -95,34 +94,31 @@ class Predictor:
                    channels_last=bool(mcfg.channels_last))
 
     # ------------------------------------------------------------ preprocess
-    def to_image(self, x: Any, index: int = 0) -> Image.Image:
-        """Turn one input (PIL image, pixel array / nested list 0..255, tensor [C,H,W] 0..1) into a PIL image."""
-        where = f"input {index}"
-        if isinstance(x, Image.Image):
-            if x.width < _MIN_SIDE or x.height < _MIN_SIDE:
-                raise ValueError(f"{where}: image is empty ({x.width}x{x.height})")
-            return x
+    def prepare(self, x: Any, index: int = 0) -> np.ndarray:
+        """One input -> uint8 array [S,S,C], the per-image half of the eval transform.
+
+        Inputs: a PIL image, a pixel array / nested list [H,W] or [H,W,C] (0..255) or a
+        tensor [C,H,W] (0..1). Cheap and independent per input: a server runs it in
+        request threads and leaves ``batch`` (the tensor half) to one call per forward.
+        """
         if isinstance(x, torch.Tensor):
-            return _tensor_to_image(x, where)
-        if isinstance(x, (np.ndarray, list, tuple)):
-            return _array_to_image(x, where)
-        raise ValueError(f"{where}: unsupported type {type(x).__name__}; send an image, "
-                         "a pixel array [H,W] or [H,W,C] (0..255) or a tensor [C,H,W] (0..1)")
+            x = _tensor_to_image(x, f"input {index}")
+        return images.prepare(x, index, self.image_size, self.in_channels)
+
+    def batch(self, arrays: Sequence[np.ndarray] | np.ndarray) -> torch.Tensor:
+        """uint8 arrays from ``prepare`` (or one [N,S,S,C] array) -> normalised Tensor[N,C,S,S]."""
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        return self.transform.batch(arrays, memory_format=fmt)
 
     def preprocess_one(self, x: Any, index: int = 0) -> torch.Tensor:
         """One input -> normalised float tensor [C,H,W]; ValueError names the input on bad data."""
-        image = self.to_image(x, index)
-        try:
-            out = self.transform(image)
-        except (OSError, SyntaxError) as exc:  # PIL decodes lazily: a truncated file fails here
-            raise ValueError(f"input {index}: image could not be decoded ({exc})") from None
-        return out
+        return self.batch([self.prepare(x, index)])[0]
 
     def preprocess(self, inputs: Sequence[Any]) -> torch.Tensor:
         """A list of inputs -> Tensor[N,C,H,W]."""
         if len(inputs) == 0:
             raise ValueError("no inputs: send at least one image")
-        return torch.stack([self.preprocess_one(x, i) for i, x in enumerate(inputs)])
+        return self.batch([self.prepare(x, i) for i, x in enumerate(inputs)])
 
     # ----------------------------------------------------------------- infer
     def infer(self, batch: torch.Tensor) -> torch.Tensor:
@@ -135,15 +131,19 @@ class Predictor:
             return torch.softmax(logits.float(), dim=1).cpu()
 
     # ----------------------------------------------------------- postprocess
-    def postprocess(self, probs: torch.Tensor, top_k: int = 5) -> list[dict]:
-        """Probabilities Tensor[N,K] -> one {"label", "index", "top_k": [...]} per row."""
+    def top_k(self, probs: torch.Tensor, top_k: int = 5) -> tuple[list[list[float]], list[list[int]]]:
+        """Probabilities Tensor[N,K] -> the ``top_k`` best (probabilities, class indices) per row, as lists."""
         k = max(1, min(int(top_k), probs.shape[1]))
         values, indices = probs.topk(k, dim=1)
-        out = []
-        for vals, idxs in zip(values.tolist(), indices.tolist()):
-            top = [{"label": self.classes[i], "index": i, "probability": float(p)} for p, i in zip(vals, idxs)]
-            out.append({"label": top[0]["label"], "index": top[0]["index"], "top_k": top})
-        return out
+        return values.tolist(), indices.tolist()
+
+    def label_rows(self, values: Sequence[Sequence[float]], indices: Sequence[Sequence[int]]) -> list[dict]:
+        """Rows of (probabilities, indices) from ``top_k`` -> one {"label", "index", "top_k"} per row."""
+        return images.label_rows(self.classes, values, indices)
+
+    def postprocess(self, probs: torch.Tensor, top_k: int = 5) -> list[dict]:
+        """Probabilities Tensor[N,K] -> one {"label", "index", "top_k": [...]} per row."""
+        return self.label_rows(*self.top_k(probs, top_k))
 
     # ------------------------------------------------------------- composed
     def predict(self, x: Any, top_k: int = 5) -> dict:
@@ -158,7 +158,7 @@ class Predictor:
         out: list[dict] = []
         for start in range(0, len(xs), batch_size):
             chunk = xs[start:start + batch_size]
-            batch = torch.stack([self.preprocess_one(x, start + i) for i, x in enumerate(chunk)])
+            batch = self.batch([self.prepare(x, start + i) for i, x in enumerate(chunk)])
             out.extend(self.postprocess(self.infer(batch), top_k))
         return out
 
@@ -169,49 +169,17 @@ class Predictor:
 
 # ---------------------------------------------------------------- helpers
 
-def _check_finite(arr: np.ndarray, where: str) -> None:
-    if arr.size == 0:
-        raise ValueError(f"{where}: empty array; send at least a 1x1 image")
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{where}: contains NaN or Inf; pixel values must be finite numbers")
-
-
-def _array_to_image(x: Any, where: str) -> Image.Image:
-    """Pixel array [H,W] or [H,W,C] (C in 1,3,4), values 0..255 -> PIL image."""
-    if isinstance(x, np.ndarray) and x.dtype.kind not in "biuf":
-        raise ValueError(f"{where}: array dtype {x.dtype} is not a real number type")
-    try:
-        arr = np.asarray(x, dtype=np.float64)
-    except (ValueError, TypeError):
-        raise ValueError(f"{where}: not a rectangular array of numbers; send [H][W] or [H][W][C] "
-                         "nested lists of pixel values 0..255") from None
-    if arr.ndim not in (2, 3):
-        raise ValueError(f"{where}: expected shape [H,W] or [H,W,C], got {list(arr.shape)}")
-    _check_finite(arr, where)
-    if arr.ndim == 3 and arr.shape[2] not in _MODES:
-        raise ValueError(f"{where}: expected 1, 3 or 4 channels last ([H,W,C]), got shape {list(arr.shape)}")
-    if arr.min() < 0 or arr.max() > 255:
-        raise ValueError(f"{where}: pixel values must be in 0..255, got {arr.min():g}..{arr.max():g}")
-    arr = np.rint(arr).astype(np.uint8)
-    if arr.ndim == 3:
-        mode = _MODES[arr.shape[2]]
-        arr = arr[:, :, 0] if mode == "L" else arr
-    else:
-        mode = "L"
-    return Image.fromarray(np.ascontiguousarray(arr), mode=mode)
-
-
 def _tensor_to_image(t: torch.Tensor, where: str) -> Image.Image:
     """Tensor [C,H,W] float in 0..1 (C in 1,3,4) -> PIL image."""
     if t.ndim != 3:
         raise ValueError(f"{where}: expected a tensor [C,H,W], got shape {list(t.shape)}")
-    if t.shape[0] not in _MODES:
+    if t.shape[0] not in images.MODES:
         raise ValueError(f"{where}: expected 1, 3 or 4 channels first ([C,H,W]), got shape {list(t.shape)}")
     if t.is_complex() or t.dtype == torch.bool:
         raise ValueError(f"{where}: tensor dtype {t.dtype} is not a real number type")
     arr = t.detach().to("cpu", torch.float64).numpy()
-    _check_finite(arr, where)
+    images.check_finite(arr, where)
     if arr.min() < 0 or arr.max() > 1:
         raise ValueError(f"{where}: tensor values must be in 0..1, got {arr.min():g}..{arr.max():g}")
-    return _array_to_image(np.transpose(arr * 255.0, (1, 2, 0)), where)
+    return images.array_to_image(np.transpose(arr * 255.0, (1, 2, 0)), where)
 

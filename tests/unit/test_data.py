@@ -41,6 +41,21 @@ def test_eval_transform_converts_any_mode(mode, channels):
     assert t.min() >= -2.0 and t.max() <= 2.0
 
 
+@pytest.mark.parametrize("mode,channels,size", [("RGB", 3, 32), ("L", 1, 16), ("RGBA", 3, 20), ("P", 3, 32),
+                                                ("RGB", 1, 8), ("L", 3, 32)])
+def test_two_stage_eval_transform_is_bit_identical(mode, channels, size):
+    """Serving's split (uint8 arrays per image, one normalise per batch) == the one-image transform."""
+    rng = np.random.default_rng(1)
+    tf = eval_transform(size, channels, [0.4] * channels, [0.3] * channels)
+    images = [Image.fromarray(rng.integers(0, 256, (20 + i, 31, 3), dtype=np.uint8)).convert(mode)
+              for i in range(4)]
+    arrays = [tf.to_array(im) for im in images]
+    assert all(a.dtype == np.uint8 and a.shape == (size, size, channels) for a in arrays)
+    assert torch.equal(tf.batch(arrays), torch.stack([tf(im) for im in images]))
+    assert tf.batch(np.stack(arrays), memory_format=torch.channels_last).is_contiguous(
+        memory_format=torch.channels_last)
+
+
 def test_eval_transform_equals_the_pretensorised_validation_data():
     from sklearn.datasets import load_digits
 
