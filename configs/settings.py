@@ -52,8 +52,11 @@ class Settings:
     default_model: str = ""
     max_batch_size: int = 32
     max_delay_ms: float = 5.0
-    torch_threads: int = 0  # 0 = cores // web workers, at least 1
+    torch_threads: int = 0  # forward workers, one intra-op thread each; 0 = one per core
     model_refresh_s: float = 2.0
+    # the forward process's unix socket, shared by every web process on the host;
+    # empty = derived from `home`; "private" = one forward process per web process
+    forward_socket: str = ""
 
     # auth
     auth_enabled: bool = True
@@ -91,6 +94,22 @@ class Settings:
     @property
     def storage(self) -> str:
         return self.storage_url or str(self.home_path / "storage")
+
+    @property
+    def forward_address(self) -> str | None:
+        """Unix socket of the host's shared forward process, or None for one per web process."""
+        if self.forward_socket == "private":
+            return None
+        if self.forward_socket:
+            return str(Path(self.forward_socket).resolve())
+        path = self.home_path / "forward.sock"
+        if len(str(path)) < 100:  # sun_path holds 108 bytes
+            return str(path)
+        import hashlib
+        import tempfile
+
+        digest = hashlib.sha256(str(self.home_path).encode()).hexdigest()[:16]
+        return str(Path(tempfile.gettempdir()) / f"kiln-forward-{digest}.sock")
 
     @property
     def cache_path(self) -> Path:

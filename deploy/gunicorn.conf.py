@@ -20,10 +20,11 @@ accesslog = os.environ.get("KILN_ACCESS_LOG", None)
 errorlog = "-"
 loglevel = os.environ.get("KILN_LOG_LEVEL", "info")
 
-# One deliberate torch thread budget per web process: several processes each spinning
-# every core's worth of OpenMP threads collapse throughput on small machines.
-os.environ.setdefault("KILN_TORCH_THREADS", str(max(1, multiprocessing.cpu_count() // workers)))
-os.environ.setdefault("OMP_NUM_THREADS", os.environ["KILN_TORCH_THREADS"])
+# Web processes run no forward passes: those happen in the host's one forward process
+# (web/forward.py), whose KILN_TORCH_THREADS workers (default: one per core) each use a
+# single intra-op thread. Several processes each spinning every core's worth of OpenMP
+# threads collapse throughput on small machines, so nothing here starts a pool of its own.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # prometheus-client multiprocess mode: every worker writes its samples here.
 if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:

@@ -1,22 +1,29 @@
-"""Dynamic batching: concurrent /predict requests in one process share a forward pass.
+"""Dynamic batching, and the web process's cache of served model versions.
 
-One background thread per (process, model version) owns the model and runs
-``fn(payloads) -> results``. It never waits when it is idle and nothing else is
-coming: a lone request runs at once. It waits (at most ``max_delay_ms``) only while
-other requests have announced themselves (``incoming()``: they are decoding their
-images in a request thread) and the batch is not yet full. While a batch runs, new
-requests queue up and form the next batch, so under load batches fill by themselves.
+``Batcher`` gathers payloads submitted from many threads into calls of ``fn(list)``
+on its worker threads; the forward process (web/forward.py) keeps one per model. A
+worker that is free takes everything queued, so a lone request runs at once and,
+under load, requests that arrive while batches run form the next batch. It waits
+(at most ``max_delay_ms``) only when more is surely coming: requests that announced
+themselves with ``incoming()``, or fewer inputs than the recent batches held.
+
+``ModelServer`` maps model references (name, name:version, name@alias) to versions
+loaded in the forward process, follows alias moves without failing a request, and
+evicts versions nobody asked for lately.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
 log = logging.getLogger(__name__)
+
+RECENT_BATCHES = 8  # a batch waits for as many inputs as the largest of the last few held
 
 
 class BatcherClosed(RuntimeError):
@@ -43,7 +50,8 @@ class Batcher:
 
     def __init__(self, fn: Callable[[list], Sequence], *, max_batch_size: int = 32,
                  max_delay_ms: float = 5.0, size: Callable[[Any], int] = lambda p: 1,
-                 max_queue: int = 1024, name: str = "batcher",
+                 max_queue: int = 1024, name: str = "batcher", workers: int = 1,
+                 external_primary: bool = False,
                  on_batch: Callable[[int, float], None] | None = None):
         self.fn, self.size = fn, size
         self.on_batch = on_batch  # (images in the batch, oldest item's queue wait in s)
@@ -54,10 +62,20 @@ class Batcher:
         self.calls = 0  # forward calls made (tests and metrics read it)
         self._queue: list[tuple[Any, Future]] = []
         self._arriving = 0
+        self._recent: deque[int] = deque(maxlen=RECENT_BATCHES)  # sizes of the last batches
         self._closed = False
         self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._loop, name=f"kiln-{name}", daemon=True)
-        self._thread.start()
+        # Each worker takes the next batch when it is free: with several, one batch forms
+        # while others run (fn must allow concurrent calls). The primary worker always gets
+        # work first; the others only take batches while it is busy, so light traffic runs
+        # on the primary alone. external_primary: the owner calls ``work()`` on a thread of
+        # its choosing (a process's main thread) and every thread started here is secondary.
+        self._primary_busy = False  # the primary worker is running a batch
+        self._threads = [threading.Thread(target=self.work, args=(n == 0 and not external_primary,),
+                                          name=f"kiln-{name}-{n}", daemon=True)
+                         for n in range(max(0 if external_primary else 1, int(workers)))]
+        for thread in self._threads:
+            thread.start()
 
     # ------------------------------------------------------------ producers
     @contextmanager
@@ -95,8 +113,10 @@ class Batcher:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        if wait and threading.current_thread() is not self._thread:
-            self._thread.join(timeout=60)
+        if wait:
+            for thread in self._threads:
+                if thread is not threading.current_thread():
+                    thread.join(timeout=60)
 
     @property
     def closed(self) -> bool:
@@ -113,17 +133,22 @@ class Batcher:
             count += n
         return count
 
-    def _next_batch(self) -> list | None:
+    def _next_batch(self, primary: bool) -> list | None:
         with self._cond:
-            while not self._queue and not self._closed:
+            # Secondaries wait while the primary is free: light traffic stays on the primary.
+            while not self._closed and (not self._queue or (not primary and not self._primary_busy)):
                 self._cond.wait()
             if not self._queue:
                 return None  # closed and drained
             batch: list = []
             count = self._take(batch, 0)
-            # Wait only for requests that are actually on their way, never on an idle queue.
+            # Wait (at most max_delay) only when more is coming: requests that announced
+            # themselves, or as many as recent batches held (closed-loop clients come back
+            # as soon as they get their answers). A lone client never waits.
+            target = min(self.max_batch_size, max(self._recent, default=1))
             deadline = time.monotonic() + self.max_delay_s
-            while count < self.max_batch_size and self._arriving > 0 and not self._closed:
+            while (count < self.max_batch_size and (self._arriving > 0 or count < target)
+                   and not self._closed):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -131,18 +156,32 @@ class Batcher:
                 count = self._take(batch, count)
                 if self._queue:  # the next item does not fit: the batch is as full as it gets
                     break
+            self._recent.append(count)
+            if primary:
+                self._primary_busy = True
+                self._cond.notify_all()  # secondaries may now take what is still queued
             return batch
 
-    def _loop(self) -> None:
+    def work(self, primary: bool = True) -> None:
+        """Run batches on the calling thread until the batcher is closed and drained."""
         while True:
-            batch = self._next_batch()
+            batch = self._next_batch(primary)
             if batch is None:
                 return
-            live = [(p, f) for p, f in batch if f.set_running_or_notify_cancel()]
-            if live:
-                self._run(live)
+            outcomes = self._run([(p, f) for p, f in batch if f.set_running_or_notify_cancel()])
+            if primary:  # free again before anyone hears back, so their next request finds it free
+                with self._cond:
+                    self._primary_busy = False
+            for fut, ok, value in outcomes:
+                if ok:
+                    fut.set_result(value)
+                else:
+                    fut.set_exception(value)
 
-    def _run(self, batch: list) -> None:
+    def _run(self, batch: list) -> list[tuple[Future, bool, Any]]:
+        """(future, ok, result or exception) per item; a failing batch is retried one by one."""
+        if not batch:
+            return []
         self.calls += 1
         if self.on_batch is not None:
             waited = time.monotonic() - min(f.kiln_enqueued for _, f in batch)
@@ -153,29 +192,19 @@ class Batcher:
                 raise RuntimeError(f"batch function returned {len(results)} results for {len(batch)} inputs")
         except Exception as exc:  # noqa: BLE001 - isolate the bad payload below
             if len(batch) == 1:
-                batch[0][1].set_exception(exc)
-                return
+                return [(batch[0][1], False, exc)]
             log.warning("%s: batch of %d failed (%s); retrying one by one", self.name, len(batch), exc)
-            for item in batch:
-                self._run([item])
-            return
-        for (_, fut), result in zip(batch, results):
-            fut.set_result(result)
-
-
-def _observe_batch(size: int, wait_s: float) -> None:
-    from web.metrics import observe_batch
-
-    observe_batch(size, wait_s)
+            return [out for item in batch for out in self._run([item])]
+        return [(fut, True, result) for (_, fut), result in zip(batch, results)]
 
 
 # ---------------------------------------------------------------- model cache
 
 class Served:
-    """One loaded model version: its Predictor and the batcher thread that owns it."""
+    """One loaded model version, as the web process sees it (its RemoteModel)."""
 
-    def __init__(self, name: str, version: int, predictor: Any, batcher: Batcher):
-        self.name, self.version, self.predictor, self.batcher = name, version, predictor, batcher
+    def __init__(self, name: str, version: int, predictor: "RemoteModel"):
+        self.name, self.version, self.predictor = name, version, predictor
 
 
 class _Ref:
@@ -195,16 +224,17 @@ class ModelServer:
 
     def __init__(self, resolve: Callable[[str], dict], *, max_batch_size: int = 32,
                  max_delay_ms: float = 5.0, refresh_s: float = 2.0, torch_threads: int = 1,
-                 max_loaded: int = 4, device: str | None = None):
+                 max_loaded: int = 4, device: str | None = None, forward_address: str | None = None):
         self._resolve = resolve
         self.max_batch_size, self.max_delay_ms = max_batch_size, max_delay_ms
         self.refresh_s, self.max_loaded = refresh_s, max_loaded
         self.torch_threads, self.device = torch_threads, device
+        self.forward_address = forward_address  # the shared forward process; None: a private one
         self._refs: dict[str, _Ref] = {}
         self._models: dict[tuple[str, int], Served] = {}  # insertion order = LRU order
         self._lock = threading.Lock()
         self._load_locks: dict[tuple[str, int], threading.Lock] = {}
-        self._torch_ready = False
+        self.forward = None  # the ForwardProcess, started with the first model
 
     def get(self, ref: str) -> Served:
         """The served model for ``ref`` (loads it on first use); registry errors propagate."""
@@ -269,17 +299,13 @@ class ModelServer:
             with self._lock:
                 if key in self._models:
                     return self._models[key]
-            predictor = self._make_predictor(info)
-            batcher = Batcher(_forward(predictor), max_batch_size=self.max_batch_size,
-                              max_delay_ms=self.max_delay_ms, size=lambda t: int(t.shape[0]),
-                              on_batch=_observe_batch,
-                              name=f"{key[0]}:{key[1]}")
-            served = Served(key[0], key[1], predictor, batcher)
+            served = Served(key[0], key[1], self._make_predictor(key, info))
             with self._lock:
                 self._models[key] = served
                 evicted = self._evict()
-            for old in evicted:
-                old.batcher.close(wait=False)  # finishes its queued work, then the thread ends
+            for old in evicted:  # the forward process drops it once no web process uses it
+                threading.Thread(target=self.forward.unload, args=((old.name, old.version),),
+                                 name="kiln-unload", daemon=True).start()
             log.info("loaded model %s version %s", key[0], key[1])
             return served
 
@@ -293,31 +319,45 @@ class ModelServer:
                 out.append(self._models.pop(k))
         return out
 
-    def _make_predictor(self, info: dict) -> Any:
-        import torch
+    def _make_predictor(self, key: tuple[str, int], info: dict) -> "RemoteModel":
+        from web.forward import ForwardClient
 
-        from ml.inference import Predictor
-
-        if not self._torch_ready:
-            # One deliberate thread budget per process: only the batcher threads run forwards.
-            torch.set_num_threads(max(1, int(self.torch_threads)))
-            self._torch_ready = True
-        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return Predictor.from_checkpoint(info["path"], device=device)
+        with self._lock:
+            if self.forward is None:
+                self.forward = ForwardClient(threads=self.torch_threads, max_batch_size=self.max_batch_size,
+                                             max_delay_ms=self.max_delay_ms, device=self.device,
+                                             address=self.forward_address)
+            forward = self.forward
+        return RemoteModel(key, info["path"], forward.load(key, info["path"]), forward)
 
     def close(self) -> None:
         with self._lock:
-            models, self._models = list(self._models.values()), {}
+            self._models = {}
             self._refs.clear()
-        for served in models:
-            served.batcher.close()
+            forward, self.forward = self.forward, None
+        if forward is not None:
+            forward.close()
 
 
-def _forward(predictor: Any) -> Callable[[list], list]:
-    """Batch function for a Predictor: payloads are Tensor[n,C,H,W]; results are Tensor[n,K]."""
-    def run(payloads: list) -> list:
-        import torch
+class RemoteModel:
+    """The web side of a model version loaded in the forward process: classes and input geometry."""
 
-        probs = predictor.infer(torch.cat(payloads) if len(payloads) > 1 else payloads[0])
-        return list(torch.split(probs, [int(p.shape[0]) for p in payloads]))
-    return run
+    def __init__(self, key: tuple[str, int], path: str, description: dict, forward: Any):
+        self.key, self.path, self.forward = key, str(path), forward
+        self.classes = [str(c) for c in description["classes"]]
+        self.image_size, self.in_channels = int(description["image_size"]), int(description["in_channels"])
+
+    def prepare(self, x: Any, index: int = 0):
+        """One decoded input -> uint8 [S,S,C] through this model's eval transform (ValueError names it)."""
+        from ml import images
+
+        return images.prepare(x, index, self.image_size, self.in_channels)
+
+    def label_rows(self, values, indices) -> list[dict]:
+        from ml.images import label_rows
+
+        return label_rows(self.classes, values, indices)
+
+    def submit(self, arrays, top_k: int):
+        """Future of this version's top-k rows for uint8 inputs [N,S,S,C] (batched in the forward process)."""
+        return self.forward.run(self.key, self.path, arrays, top_k)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 import math
 import os
 import re
@@ -16,12 +17,14 @@ import threading
 import warnings
 from concurrent.futures import TimeoutError as FutureTimeout
 
+import numpy as np
 from flask import Blueprint, current_app, jsonify, request
 from PIL import Image, UnidentifiedImageError
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from configs.schema import MODEL_REF_RE
-from web.batcher import BatcherClosed, ModelServer, QueueFull
+from web.batcher import ModelServer
+from web.forward import ForwardDied, ForwardError
 from worker.errors import InvalidInput, KilnError, PayloadTooLarge, Unavailable
 
 bp = Blueprint("predict", __name__)
@@ -41,6 +44,11 @@ class BadRequest(KilnError):
     status, code = 400, "bad_request"
 
 
+class InferenceFailed(KilnError):
+    """The model itself failed on valid input (a server-side fault, reported with its cause)."""
+    status, code = 500, "inference_failed"
+
+
 class UnsupportedMediaType(KilnError):
     status, code = 415, "unsupported_media_type"
 
@@ -52,11 +60,16 @@ def _settings():
 
 
 def torch_threads(settings) -> int:
-    """settings.torch_threads, or cores // gunicorn workers (WEB_CONCURRENCY), at least 1."""
+    """Forward workers (one intra-op thread each): settings.torch_threads, else one per core for
+    the host's shared forward process (single-threaded workers share cores with the web
+    processes without stalling), or cores // web workers for private ones."""
     if settings.torch_threads > 0:
         return settings.torch_threads
+    cores = os.cpu_count() or 1
+    if settings.forward_address is not None:
+        return cores
     workers = int(os.environ.get("WEB_CONCURRENCY", "1") or 1)  # set by gunicorn deployments
-    return max(1, (os.cpu_count() or 1) // max(1, workers))
+    return max(1, cores // max(1, workers))
 
 
 def model_server() -> ModelServer:
@@ -70,7 +83,7 @@ def model_server() -> ModelServer:
                 s = _settings()
                 server = ModelServer(app.extensions["kiln"].resolve_model, max_batch_size=s.max_batch_size,
                                      max_delay_ms=s.max_delay_ms, refresh_s=s.model_refresh_s,
-                                     torch_threads=torch_threads(s))
+                                     torch_threads=torch_threads(s), forward_address=s.forward_address)
                 app.extensions["kiln.serving"] = server
     return server
 
@@ -189,35 +202,50 @@ def predict():
                          "(or set KILN_DEFAULT_MODEL)")
     if not re.fullmatch(MODEL_REF_RE, ref):
         raise InvalidInput(f"model reference {ref!r} is not name, name:version or name@alias", code="bad_model_ref")
+    served, rows = _run(ref, settings)
+    body = {"model": {"name": served.name, "version": served.version},
+            "predictions": served.predictor.label_rows(*rows)}
+    return current_app.response_class(json.dumps(body, separators=(",", ":")), mimetype="application/json")
+
+
+def _read(settings) -> list:
     try:
-        inputs = read_inputs(settings)
+        return read_inputs(settings)
     except RequestEntityTooLarge:
         raise PayloadTooLarge(f"request body is over the limit of {settings.max_request_bytes} bytes") from None
-    served = model_server().get(ref)
-    top_k = _query_top_k(len(served.predictor.classes))
+
+
+def _prepare(served, inputs: list):
+    """The inputs through ``served``'s own eval transform (size, channels): uint8 [N,S,S,C]."""
+    predictor = served.predictor
     try:
-        batch = served.predictor.preprocess(inputs)
+        arrays = [predictor.prepare(x, i) for i, x in enumerate(inputs)]
     except ValueError as exc:
         raise InvalidInput(str(exc), code="bad_input") from None
-    probs = _run(served, batch, ref)
-    return jsonify({"model": {"name": served.name, "version": served.version},
-                    "predictions": served.predictor.postprocess(probs, top_k)})
+    return arrays[0][None] if len(arrays) == 1 else np.stack(arrays)
 
 
-def _run(served, batch, ref):
-    for attempt in (0, 1):
-        try:
-            future = served.batcher.submit(batch)
-        except BatcherClosed:  # the version was swapped out between lookup and submit
-            if attempt:
-                raise Unavailable("model is reloading; retry") from None
-            served = model_server().get(ref)
-            continue
-        except QueueFull as exc:
-            raise Unavailable(f"server busy: {exc}; retry shortly") from None
-        try:
-            return future.result(timeout=PREDICT_TIMEOUT_S)
-        except FutureTimeout:
-            future.cancel()
-            raise Unavailable(f"prediction did not finish within {PREDICT_TIMEOUT_S:g} s; retry") from None
-    raise AssertionError("unreachable")
+def _run(ref: str, settings):
+    """(the Served that answered, its (probabilities, indices) rows) for this request's inputs."""
+    from web.metrics import observe_batch, observe_queue_wait
+
+    served = model_server().get(ref)
+    top_k = _query_top_k(len(served.predictor.classes))
+    arrays = _prepare(served, _read(settings))
+    try:
+        future = served.predictor.submit(arrays, top_k)
+        out = future.result(timeout=PREDICT_TIMEOUT_S)
+    except ForwardDied as exc:
+        raise Unavailable(str(exc)) from None
+    except ForwardError as exc:
+        if exc.kind == "QueueFull":
+            raise Unavailable(f"server busy: {exc.detail}; retry shortly") from None
+        raise InferenceFailed(f"model {served.name} version {served.version} failed: {exc}") from None
+    except FutureTimeout:
+        future.cancel()
+        raise Unavailable(f"prediction did not finish within {PREDICT_TIMEOUT_S:g} s; retry") from None
+    if out["first"]:  # one observation per forward pass, whichever web process sent its first input
+        observe_batch(out["batch"], out["wait_s"])
+    else:
+        observe_queue_wait(out["wait_s"])
+    return served, (out["values"], out["indices"])

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -29,12 +32,26 @@ def trained_last(trained) -> Path:
     return trained.with_name("last.pt")
 
 
+@pytest.fixture(scope="session")
+def forward_socket():
+    """One forward process for every test app of the session (each new one imports torch anew)."""
+    from web.forward import ForwardClient
+
+    folder = tempfile.mkdtemp(prefix="kfwd", dir="/tmp")  # unix socket paths must stay short
+    path = os.path.join(folder, "forward.sock")
+    keeper = ForwardClient(threads=1, max_batch_size=8, max_delay_ms=2.0, address=path)
+    keeper.ping()  # starts it; this connection keeps it alive between tests
+    yield path
+    keeper.close()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture
-def serve_settings(settings):
+def serve_settings(settings, forward_socket):
     """Test settings with small limits so the 4xx paths are cheap to reach."""
     return dataclasses.replace(settings, max_request_bytes=512 * 1024, max_image_pixels=512 * 512,
                                max_predict_images=8, max_batch_size=8, max_delay_ms=2.0,
-                               model_refresh_s=0.2, torch_threads=1)
+                               model_refresh_s=0.2, torch_threads=1, forward_socket=forward_socket)
 
 
 @pytest.fixture

@@ -121,3 +121,48 @@ def test_close_finishes_queued_work_then_rejects():
     assert fut.result(timeout=30) == 6
     with pytest.raises(BatcherClosed):
         b.submit(1)
+
+
+def test_several_workers_run_batches_at_the_same_time():
+    both_inside = threading.Barrier(2, timeout=10)  # passes only if two calls overlap
+
+    def fn(xs):
+        both_inside.wait()
+        return xs
+
+    b = Batcher(fn, max_batch_size=1, max_delay_ms=0, workers=2)
+    try:
+        first, second = b.submit(1), b.submit(2)
+        assert (first.result(timeout=10), second.result(timeout=10)) == (1, 2)
+    finally:
+        b.close()
+
+
+def test_light_traffic_stays_on_the_primary_worker():
+    names: list[str] = []
+
+    def fn(xs):
+        names.append(threading.current_thread().name)
+        return xs
+
+    b = Batcher(fn, max_delay_ms=0, workers=3, name="t")
+    try:
+        for i in range(30):  # one request at a time, like a lone client
+            assert b.submit(i).result(timeout=10) == i
+    finally:
+        b.close()
+    assert names == ["kiln-t-0"] * 30
+
+
+def test_an_external_primary_runs_on_the_owners_thread():
+    seen: list[str] = []
+    b = Batcher(lambda xs: seen.append(threading.current_thread().name) or xs, max_delay_ms=0, workers=1,
+                external_primary=True)
+    owner = threading.Thread(target=b.work, name="owner")
+    owner.start()
+    try:
+        assert b.submit(7).result(timeout=10) == 7
+    finally:
+        b.close()
+        owner.join(timeout=10)
+    assert seen == ["owner"] and not owner.is_alive()

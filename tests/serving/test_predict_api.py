@@ -178,3 +178,36 @@ def test_predict_records_batch_size_and_queue_wait(client, digit_pngs):
     after = (count("kiln_predict_batch_size_count"), count("kiln_predict_batch_size_sum"),
              count("kiln_predict_queue_wait_seconds_count"))
     assert after[0] > before[0] and after[1] - before[1] == 3 and after[2] > before[2]
+
+
+def test_a_dead_forward_process_costs_one_request_at_most(serve_settings, registered, digit_pngs, tmp_path):
+    """kill -9 the forward process: /predict answers 503 at worst, then serves from a new one."""
+    import dataclasses
+    import os
+    import signal
+    import tempfile
+
+    from web import create_app
+
+    folder = tempfile.mkdtemp(prefix="kfwd", dir="/tmp")
+    app = create_app(dataclasses.replace(serve_settings, forward_socket=os.path.join(folder, "f.sock")))
+    client = app.test_client()
+    try:
+        ok = client.post("/predict?model=digits@production", data=digit_pngs[0][0], content_type="image/png")
+        assert ok.status_code == 200, ok.get_data(as_text=True)
+        forward = app.extensions["kiln.serving"].forward
+        first = forward.ping()
+        os.kill(first, signal.SIGKILL)
+        statuses = []
+        for _ in range(3):
+            resp = client.post("/predict?model=digits@production", data=digit_pngs[0][0],
+                               content_type="image/png")
+            statuses.append(resp.status_code)
+            if resp.status_code == 503:
+                assert "forward process" in error_of(resp, 503)["message"]
+            else:
+                assert resp.get_json()["predictions"] == ok.get_json()["predictions"]
+        assert statuses[-1] == 200 and statuses.count(503) <= 1, statuses
+        assert forward.ping() != first
+    finally:
+        app.extensions["kiln.serving"].close()
