@@ -17,17 +17,17 @@ import os
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench import loadgen  # noqa: E402
 
 BASELINE_APP = textwrap.dedent('''
     import io, os
@@ -130,41 +130,33 @@ def request(port: int, path: str, body: bytes, conn: http.client.HTTPConnection 
     return resp.status, data
 
 
-def load(port: int, path: str, bodies: list[bytes], clients: int, duration: float) -> dict:
-    """``clients`` threads send requests back to back for ``duration`` seconds."""
-    latencies: list[list[float]] = [[] for _ in range(clients)]
-    errors = [0] * clients
-    stop_at = time.monotonic() + duration
+def _tree_cpu(root: int) -> float:
+    """CPU seconds (user + system) used so far by ``root`` and every live descendant."""
+    tick, total, todo, seen = os.sysconf("SC_CLK_TCK"), 0.0, [root], set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in os.listdir(f"/proc/{pid}/task"):
+                todo += [int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
 
-    def client(i: int) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        n = i
-        while time.monotonic() < stop_at:
-            t0 = time.perf_counter()
-            try:
-                status, _ = request(port, path, bodies[n % len(bodies)], conn)
-            except (OSError, http.client.HTTPException):
-                conn.close()
-                status = 0
-            if status == 200:
-                latencies[i].append(time.perf_counter() - t0)
-            else:
-                errors[i] += 1
-            n += clients
-        conn.close()
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    t0 = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.monotonic() - t0
-    lat = sorted(x for row in latencies for x in row)
-    if not lat:
-        return {"rps": 0.0, "p50": float("nan"), "p99": float("nan"), "errors": sum(errors)}
-    return {"rps": len(lat) / elapsed, "p50": 1000 * statistics.median(lat),
-            "p99": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))], "errors": sum(errors)}
+def load(server: "Server", path: str, bodies: list[bytes], clients: int, duration: float) -> dict:
+    """``clients`` closed-loop clients for ``duration`` s, plus the CPU each side spent per request."""
+    server_cpu, own = _tree_cpu(server.proc.pid), os.times()
+    out = loadgen.run(server.port, loadgen.encode_requests(path, bodies), clients, duration)
+    done = max(1, out["n"])
+    now = os.times()
+    out["server_cpu_ms"] = 1000 * (_tree_cpu(server.proc.pid) - server_cpu) / done
+    out["client_cpu_ms"] = 1000 * ((now.user + now.system) - (own.user + own.system)) / done
+    return out
 
 
 def ceiling(ckpt: Path, threads: int, duration: float = 1.5) -> dict:
@@ -209,6 +201,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--duration", type=float, default=4.0, help="seconds per (server, clients) cell")
     ap.add_argument("--clients", default="1,8,32")
+    ap.add_argument("--kiln-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra environment for Kiln's server (e.g. WEB_CONCURRENCY=4, KILN_TORCH_THREADS=2)")
     args = ap.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
     cores = os.cpu_count() or 1
@@ -232,18 +226,24 @@ def main() -> int:
                                      "baseline_app:app"], {**base_env, **extra}, port, tmp / f"{len(servers)}.log")
             servers.append(srv)
             srv.wait_ready("/predict", bodies[0])
-            results[label] = {c: load(port, "/predict", bodies, c, args.duration) for c in levels}
+            results[label] = {c: load(srv, "/predict", bodies, c, args.duration) for c in levels}
             srv.stop()
 
         port = free_port()
         env = kiln_home(tmp / "var", ckpt, port, base_env)
+        env.update(dict(kv.split("=", 1) for kv in args.kiln_env))
         srv = Server(gunicorn + ["-c", str(ROOT / "deploy/gunicorn.conf.py"), "web.wsgi:app"], env, port,
                      tmp / "kiln.log")
         servers.append(srv)
         path = "/predict?model=bench@production"
         srv.wait_ready(path, bodies[0])
-        label = f"kiln /predict ({env['WEB_CONCURRENCY']} gthread x {env.get('KILN_WEB_THREADS', 16)})"
-        results[label] = {c: load(port, path, bodies, c, args.duration) for c in levels}
+        from configs import Settings
+        from web.predict import torch_threads
+
+        forwards = torch_threads(Settings.from_env(env))
+        label = (f"kiln /predict ({env['WEB_CONCURRENCY']} gthread x {env.get('KILN_WEB_THREADS', 16)}, "
+                 f"{forwards} fwd thr)")
+        results[label] = {c: load(srv, path, bodies, c, args.duration) for c in levels}
         srv.stop()
 
         ceil = ceiling(ckpt, threads=cores)
@@ -253,10 +253,12 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"\nresnet18, 32x32 PNG, {cores} CPU cores, {args.duration:g} s per cell")
-    print(f"{'server':44s} {'clients':>7s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>6s}")
+    print(f"{'server':44s} {'clients':>7s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>6s} "
+          f"{'server CPU ms/req':>17s} {'client CPU ms/req':>17s}")
     for label, row in results.items():
         for c, r in row.items():
-            print(f"{label:44s} {c:7d} {r['rps']:8.1f} {r['p50']:8.1f} {r['p99']:8.1f} {r['errors']:6d}")
+            print(f"{label:44s} {c:7d} {r['rps']:8.1f} {r['p50']:8.1f} {r['p99']:8.1f} {r['errors']:6d} "
+                  f"{r.get('server_cpu_ms', float('nan')):17.2f} {r.get('client_cpu_ms', float('nan')):17.2f}")
     print(f"{'ceiling: Predictor.infer, batch ' + str(ceil['batch_size']):44s} {'-':>7s} {ceil['rps']:8.1f}")
     kiln = results[label]
     baselines = [v for k, v in results.items() if k.startswith("baseline")]
