@@ -55,12 +55,22 @@ def _start_timer():
     g.kiln_t0 = time.perf_counter()
 
 
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_children: dict[tuple, tuple] = {}  # (method, route, status) -> (counter child, histogram child)
+
+
 def _record(response):
-    route = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
-    HTTP_REQUESTS.labels(request.method, route, str(response.status_code)).inc()
     t0 = g.get("kiln_t0")
+    route = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
+    method = request.method if request.method in _METHODS else "OTHER"  # bounded label values
+    key = (method, route, response.status_code)
+    pair = _children.get(key)
+    if pair is None:  # labels() validates and locks on every call: look each child up once
+        pair = _children[key] = (HTTP_REQUESTS.labels(key[0], route, str(key[2])),
+                                 HTTP_LATENCY.labels(key[0], route))
+    pair[0].inc()
     if t0 is not None:
-        HTTP_LATENCY.labels(request.method, route).observe(time.perf_counter() - t0)
+        pair[1].observe(time.perf_counter() - t0)
     return response
 
 
