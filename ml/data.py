@@ -18,8 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from configs.schema import DataConfig
 
-from ml.images import RESAMPLE as _RESAMPLE
-from ml.images import base_array, to_channels  # noqa: F401  (re-exported)
+from ml.images import base_array, to_channels
 _STATS_MAX_IMAGES = 2000      # normalisation stats from at most this many training images
 _TENSORISE_MAX_BYTES = 1 << 30  # in-memory datasets below this are pre-tensorised once
 
@@ -33,8 +32,8 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
 
 def base_tensor(image: Image.Image, image_size: int, in_channels: int) -> torch.Tensor:
     """Channels -> square resize -> [C,S,S] in 0..1 (un-normalised)."""
-    image = to_channels(image, in_channels).resize((image_size, image_size), _RESAMPLE)
-    return _to_tensor(image)
+    arr = base_array(image, image_size, in_channels)
+    return torch.from_numpy(arr.transpose(2, 0, 1).copy()).float().div_(255.0)
 
 
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """Dynamic batching, and the web process's cache of served model versions.
 
 ``Batcher`` gathers payloads submitted from many threads into calls of ``fn(list)``
-on its worker threads; the forward process (web/forward.py) keeps one per model. A
-worker that is free takes everything queued, so a lone request runs at once and,
+on its worker threads; the forward process (web/forward.py) runs one for all its
+models. A worker that is free takes everything queued, so a lone request runs at once and,
 under load, requests that arrive while batches run form the next batch. It waits
 (at most ``max_delay_ms``) only when more is surely coming: requests that announced
 themselves with ``incoming()``, or fewer inputs than the recent batches held.

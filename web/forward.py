@@ -9,9 +9,9 @@ in a process that does nothing else (``python -m web.forward``).
 
 Request threads decode and validate their inputs, then send them (uint8 arrays
 through the model's own transform) over one multiplexed connection per web process.
-In the forward process every model has a ``Batcher`` whose forward threads (one
-intra-op thread each) take everything waiting for that model whenever one of them
-is free, from every web process on the host: batches are as large as the host's
+In the forward process one ``Batcher`` feeds forward workers (one intra-op thread
+each) that take everything waiting whenever one of them is free, from every web
+process on the host, one forward pass per model: batches are as large as the host's
 traffic makes them, and a lone request runs at once. The forward process normalises,
 runs the model under ``inference_mode`` and answers each request with its top-k rows.
 

@@ -18,13 +18,14 @@ import warnings
 from concurrent.futures import TimeoutError as FutureTimeout
 
 import numpy as np
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, current_app, request
 from PIL import Image, UnidentifiedImageError
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from configs.schema import MODEL_REF_RE
 from web.batcher import ModelServer
 from web.forward import ForwardDied, ForwardError
+from web.metrics import observe_batch, observe_queue_wait
 from worker.errors import InvalidInput, KilnError, PayloadTooLarge, Unavailable
 
 bp = Blueprint("predict", __name__)
@@ -227,8 +228,6 @@ def _prepare(served, inputs: list):
 
 def _run(ref: str, settings):
     """(the Served that answered, its (probabilities, indices) rows) for this request's inputs."""
-    from web.metrics import observe_batch, observe_queue_wait
-
     served = model_server().get(ref)
     top_k = _query_top_k(len(served.predictor.classes))
     arrays = _prepare(served, _read(settings))
