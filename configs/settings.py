@@ -44,15 +44,20 @@ class Settings:
     lease_timeout_s: float = 60.0
     reconcile_every_s: float = 30.0
     progress_every_s: float = 1.0
+    # a running job told to cancel that has not stopped after this long is killed (checkpoint kept)
+    cancel_grace_s: float = 120.0
     job_soft_time_limit_s: int = 7 * 24 * 3600
     visibility_timeout_s: int = 12 * 3600
     worker_name: str = ""
+    # worker: intra-op threads of each job process; 0 = the machine's cores / worker processes
+    torch_threads: int = 0
 
     # serving
     default_model: str = ""
     max_batch_size: int = 32
     max_delay_ms: float = 5.0
-    torch_threads: int = 0  # forward workers, one intra-op thread each; 0 = one per core
+    # web: workers of the host's forward process, one intra-op thread each; 0 = one per core
+    forward_workers: int = 0
     model_refresh_s: float = 2.0
     # the forward process's unix socket, shared by every web process on the host;
     # empty = derived from `home`; "private" = one forward process per web process

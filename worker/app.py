@@ -8,9 +8,6 @@ from __future__ import annotations
 
 from celery import Celery
 
-TASK_NAMES = {"train": "kiln.train", "predict": "kiln.predict"}
-RECONCILE = "kiln.reconcile"
-
 
 def make_celery(settings, *, name: str = "kiln") -> Celery:
     """A Celery app on ``settings.broker_url`` with Kiln's tasks registered."""
@@ -40,10 +37,3 @@ def make_celery(settings, *, name: str = "kiln") -> Celery:
     tasks.register(app)
     return app
 
-
-def send_job(app: Celery, job: dict, **options) -> None:
-    """Enqueue a job by id (the task id is the job id, so the broker's queue can be inspected).
-
-    ignore_result: no result-backend subscription, so a dead broker fails fast instead of retrying.
-    """
-    app.send_task(TASK_NAMES[job["kind"]], args=[job["id"]], task_id=job["id"], ignore_result=True, **options)

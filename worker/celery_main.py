@@ -1,9 +1,9 @@
 """Celery entry module: ``celery -A worker.celery_main worker --pool prefork``.
 
 Reads Settings from the environment (the one place it does, for the worker), imports
-torch and ml in the parent so every forked child starts warm, runs one child per
-visible GPU (1 on a CPU machine) each pinned to its own device, and a fresh child
-per job (max_tasks_per_child=1: a clean CUDA context; a fork of a warm parent is cheap).
+torch and ml in the parent so every forked process starts warm, and runs one pool child
+per visible GPU (1 on a CPU machine), each pinned to its own device and replaced after each
+job. The pool child holds the job's lease and forks the job process (worker.jobproc).
 """
 from __future__ import annotations
 
@@ -68,10 +68,10 @@ def _child_init(**_):
     """Light per-child setup: fresh DB pools, own GPU, deliberate thread count."""
     from billiard.process import current_process
 
-    from worker import runner
+    from worker import tasks
 
     db.after_fork()
-    runner.reset_context()
+    tasks.reset_context()
     index = getattr(current_process(), "index", 0) or 0
     if GPUS:
         # before any CUDA call in this child: it sees exactly one device, as cuda:0
@@ -86,7 +86,7 @@ def _start_reconciler(sender=None, **_):
     """The embedded default runs no celery beat: reconcile from a thread in the main process."""
     global _reconciler
     from worker.reconcile import Reconciler, reconcile
-    from worker.runner import context
+    from worker.tasks import context
 
     ctx = context(app)
     client = ctx.broker_client()

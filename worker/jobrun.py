@@ -1,5 +1,6 @@
-"""One running job's plumbing: progress at a bounded rate, cached cancel checks, the job's
-directory (local storage or a cache synced to remote storage) and log records tagged with its id."""
+"""What runs inside a job process: the job's directory (local storage, or scratch synced to remote
+storage), its datasets, progress at a bounded rate, cached cancel checks, log records tagged with
+the job id, and ``run_job``, which runs one runner and returns its Outcome."""
 from __future__ import annotations
 
 import contextlib
@@ -8,6 +9,9 @@ import re
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
+
+from worker.jobproc import Outcome, classify
 
 log = logging.getLogger("kiln.worker")
 DATASET_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -46,18 +50,29 @@ def job_id_logging(job_id: str):
 
 
 # ------------------------------------------------------------------ directories
+def scratch_dir(ctx, job_id: str) -> Path:
+    """Where a job's files live on this worker while it runs, when storage is remote."""
+    return ctx.settings.cache_path / "jobs" / job_id
+
+
 def work_dir_for(ctx, job_id: str) -> Path:
-    """storage's jobs/<id> when local; else a cache dir primed with what remote storage has (last.pt)."""
+    """storage's jobs/<id> when local; else a scratch dir primed with what remote storage has (last.pt)."""
     local = ctx.storage.local_path(f"jobs/{job_id}")
     if local is not None:
         local.mkdir(parents=True, exist_ok=True)
         return local
-    cache = ctx.settings.cache_path / "jobs" / job_id
+    cache = scratch_dir(ctx, job_id)
     if cache.exists():
         shutil.rmtree(cache)  # a previous attempt's leftovers may be newer than what was synced
     cache.mkdir(parents=True)
     ctx.storage.get_dir(f"jobs/{job_id}", cache)
     return cache
+
+
+def remove_scratch(ctx, job_id: str) -> None:
+    """Drop the job's scratch copy once the job process has ended (storage holds what it synced)."""
+    if ctx.storage.local_path("") is None:
+        shutil.rmtree(scratch_dir(ctx, job_id), ignore_errors=True)
 
 
 def resolve_datasets(ctx, config: dict) -> dict[str, str]:
@@ -84,6 +99,28 @@ def resolve_datasets(ctx, config: dict) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------ the run
+def run_job(job: dict, ctx, owner: str, runner: Callable[["JobRun"], str], transient: tuple[type, ...],
+            lease=None) -> Outcome:
+    """Run ``runner`` for ``job`` in this process: directory, datasets, progress, final sync."""
+    run = JobRun(job, ctx, owner, lease)
+    with job_id_logging(job["id"]):
+        try:
+            run.work_dir = work_dir_for(ctx, job["id"])
+            run.dataset_roots = resolve_datasets(ctx, job["config"])
+            outcome = Outcome(status=runner(run))
+            run.flush(final=True)
+        except Exception as exc:  # every failure becomes an outcome the executor records
+            outcome = classify(exc, transient, ctx.settings.job_soft_time_limit_s)
+            if outcome.transient:
+                log.warning("transient error: %s", outcome.transient)
+            else:
+                log.error("job failed: %s", outcome.error)
+        finally:
+            run.sync()
+    outcome.step = run.step
+    return outcome
+
+
 class JobRun:
     """Callables handed to a runner: ``report(progress)`` and ``should_stop()``."""
 

@@ -14,17 +14,21 @@ log = logging.getLogger("kiln.worker")
 
 
 def _droppable(app, job_id: str) -> str | None:
-    from worker.runner import context
-    from worker.store import ACTIVE, TERMINAL, utcnow, as_utc
+    from configs.names import ACTIVE_STATES, TERMINAL_STATES
+    from worker.clock import as_utc, utcnow
+    from worker.errors import NotFound
+    from worker.tasks import context
 
     try:
         row = context(app).store.get(job_id)
-    except Exception as exc:
-        return "unknown job" if type(exc).__name__ == "NotFound" else None  # store blip: let the child decide
-    if row["status"] in TERMINAL:
+    except NotFound:
+        return "unknown job"
+    except Exception:  # store blip: let the child decide
+        return None
+    if row["status"] in TERMINAL_STATES:
         return f"job already {row['status']}"
     expires = as_utc(row["lease_expires"])
-    if row["status"] in ACTIVE and expires is not None and expires > utcnow():
+    if row["status"] in ACTIVE_STATES and expires is not None and expires > utcnow():
         return "job leased by a live worker"
     return None
 

@@ -1,24 +1,25 @@
-"""The executor behind the thin tasks: lease -> running -> run the kind's runner -> outcome.
+"""The executor behind the thin tasks, in the worker's pool process: lease -> running -> the job
+process -> outcome.
 
-A worker takes the job's lease before anything else: a message for a job leased by
-a live worker is dropped; a stale lease (dead worker) is taken over and the job
-resumes from its last checkpoint. A heartbeat thread keeps the lease alive.
+A worker takes the job's lease before anything else: a message for a job leased by a live
+worker is dropped; a stale lease (dead worker) is taken over and the job resumes from its
+last checkpoint. The pool process heartbeats the lease while the job runs in a job process of
+its own (worker.jobproc) and records the outcome that process reports.
 """
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import socket
-import sys
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
-from worker.jobrun import JobRun, job_id_logging, resolve_datasets, work_dir_for
+from worker import jobproc
+from worker.jobproc import Outcome
+from worker.jobrun import JobRun, job_id_logging, remove_scratch, run_job
 from worker.store import ACTIVE, TERMINAL, JobStore
 
 log = logging.getLogger("kiln.worker")
@@ -49,42 +50,23 @@ def transient_errors() -> tuple[type, ...]:
 
 @dataclass
 class Context:
-    """What a worker process needs: settings, store, storage, the Celery app (to send)."""
+    """What a worker process needs: settings, store, storage, a way to send a job message, and how
+    jobs are launched (``jobproc.run_forked`` in workers; ``run_inline`` in bookkeeping tests)."""
     settings: object
     store: JobStore
     storage: object
-    app: object = None
+    send_message: Callable[[dict], None] | None = None
     worker_name: str = field(default_factory=socket.gethostname)
+    launch: str = "forked"
 
     def send(self, job: dict) -> None:
-        from worker.app import send_job
-
-        send_job(self.app, job)
+        self.send_message(job)
         self.store.mark_enqueued(job["id"])
 
     def broker_client(self):
         import redis
 
         return redis.Redis.from_url(self.settings.redis_client_url, socket_timeout=5, socket_connect_timeout=5)
-
-
-_context: Context | None = None
-
-
-def context(app) -> Context:
-    """This process's Context, built on first use (after fork)."""
-    global _context
-    if _context is None or _context.app is not app:
-        from worker.storage import Storage
-
-        s = app.conf.kiln_settings
-        _context = Context(s, JobStore.from_settings(s), Storage(s.storage), app, s.worker_name or socket.gethostname())
-    return _context
-
-
-def reset_context() -> None:
-    global _context
-    _context = None
 
 
 class Lease(threading.Thread):
@@ -137,64 +119,82 @@ def execute(job_id: str, ctx: Context, runners: dict[str, Runner] | None = None)
                     return f"ended: {new}"
             if not store.start(job_id, owner, ctx.worker_name):
                 return "dropped: not startable"
-            lease.start()
-            return _run(store.get(job_id), ctx, owner, lease, runners)
+            job = store.get(job_id)
+            runner = runners.get(job["kind"])
+            if runner is None:
+                store.finish(job_id, owner, "failed", "no runner", error=f"no runner for job kind {job['kind']!r} here")
+                return "failed"
+            outcome = _launch(job, ctx, owner, lease, runner)
+            return _record(job, ctx, owner, lease, outcome)
         finally:
             lease.stop()
             try:
                 store.release_lease(job_id, owner)
             except Exception as exc:
                 log.warning("could not release the lease: %s", exc)
-            _free_memory()
+            remove_scratch(ctx, job_id)
 
 
-def _run(job: dict, ctx: Context, owner: str, lease: Lease, runners: dict[str, Runner]) -> str:
+def _launch(job: dict, ctx: Context, owner: str, lease: Lease, runner: Runner) -> Outcome:
+    """Run the job in a job process of its own (or inline); the lease is heartbeated from here."""
+    transient = transient_errors()
+    if ctx.launch == "inline":
+        lease.start()
+        return jobproc.run_inline(lambda: run_job(job, ctx, owner, runner, transient, lease))
+    watch = Watch(ctx.store, job["id"], lease, ctx.settings.cancel_grace_s)
+    # fork before the heartbeat thread starts: a fork must not copy a thread holding a lock
+    return jobproc.run_forked(lambda: run_job(job, ctx, owner, runner, transient), watch=watch,
+                              on_started=lease.start)
+
+
+class Watch:
+    """Asked by the pool process while the job process runs: a reason to end it, or None."""
+
+    def __init__(self, store: JobStore, job_id: str, lease: Lease, cancel_grace_s: float, check_every_s: float = 1.0):
+        self.store, self.job_id, self.lease, self.cancel_grace_s = store, job_id, lease, cancel_grace_s
+        self.check_every_s, self._checked, self._cancel_seen = check_every_s, 0.0, None
+
+    def __call__(self) -> str | None:
+        if self.lease.lost.is_set():
+            return "the job's lease was lost to another worker"
+        now = time.monotonic()
+        if self._cancel_seen is None and now - self._checked >= self.check_every_s:
+            self._checked = now
+            try:
+                if self.store.cancel_requested(self.job_id):
+                    self._cancel_seen = now
+            except Exception as exc:  # a store blip: the heartbeat decides liveness
+                log.warning("cancel check failed: %s", exc)
+        if self._cancel_seen is not None and now - self._cancel_seen > self.cancel_grace_s:
+            return f"cancelled, and the job did not stop within {self.cancel_grace_s:g} s"
+        return None
+
+
+def _record(job: dict, ctx: Context, owner: str, lease: Lease, outcome: Outcome) -> str:
+    """Write the job process's outcome to the store (the pool process still holds the lease)."""
     store, job_id = ctx.store, job["id"]
-    runner = runners.get(job["kind"])
-    if runner is None:
-        store.finish(job_id, owner, "failed", "no runner", error=f"no runner for job kind {job['kind']!r} here")
-        return "failed"
-    run = JobRun(job, ctx, owner, lease)
-    try:
-        run.work_dir = work_dir_for(ctx, job_id)
-        run.dataset_roots = resolve_datasets(ctx, job["config"])
-        status = runner(run)
-        run.flush(final=True)
-    except transient_errors() as exc:
-        log.warning("transient error: %s", exc)
-        new = store.requeue_lost(job_id, f"transient error: {type(exc).__name__}: {exc}", owner=owner)
-        if new == "queued":
-            raise Transient(str(exc), retry_in=min(60.0, 5.0 * job["attempts"]))
-        return f"ended: {new}"
-    except Exception as exc:
-        limit = type(exc).__name__ in ("SoftTimeLimitExceeded", "TimeLimitExceeded")
-        if isinstance(exc, ValueError):
-            error = str(exc)
-        elif limit:
-            error = f"the job exceeded its time limit ({ctx.settings.job_soft_time_limit_s} s)"
-        else:
-            log.exception("job failed")
-            error = f"{type(exc).__name__}: {exc}"
-        store.finish(job_id, owner, "failed", f"failed: {error}"[:500], error=error)
-        log.error("job failed: %s", error)
-        return "failed"
-    finally:
-        run.sync()
     if lease.lost.is_set():
-        log.warning("finished without the lease; the new owner records the outcome")
+        log.warning("the job ended without the lease; the new owner records the outcome")
         return "lease lost"
-    if status == "stopped":
-        store.finish(job_id, owner, "cancelled", f"cancelled at step {run.step}; checkpoint written")
+    if outcome.killed and outcome.killed.startswith("cancelled"):
+        store.finish(job_id, owner, "cancelled", f"{outcome.killed}: killed; the last checkpoint is kept")
         return "cancelled"
-    store.finish(job_id, owner, "succeeded", f"{status} after {run.step} steps")
+    if outcome.transient or outcome.died:
+        why = outcome.transient or outcome.died
+        log.warning("job attempt ended: %s", why)
+        new = store.requeue_lost(job_id, f"{'transient error' if outcome.transient else 'job process lost'}: {why}",
+                                 owner=owner)
+        if new == "queued":
+            raise Transient(why, retry_in=min(60.0, 5.0 * job["attempts"]))
+        return f"ended: {new}"
+    if outcome.error is not None:
+        store.finish(job_id, owner, "failed", f"failed: {outcome.error}"[:500], error=outcome.error)
+        return "failed"
+    if outcome.status == "stopped":
+        store.finish(job_id, owner, "cancelled", f"cancelled at step {outcome.step}; checkpoint written")
+        return "cancelled"
+    store.finish(job_id, owner, "succeeded", f"{outcome.status} after {outcome.step} steps")
     return "succeeded"
-
-
-def _free_memory() -> None:
-    gc.collect()
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
 
 
 def run_train(run: JobRun) -> str:

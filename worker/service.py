@@ -82,7 +82,7 @@ class Kiln:
                                [{"field": "data.dataset", "message": f"no uploaded dataset with id {ds}"}])
 
     def _send(self, job: dict) -> None:
-        from worker.app import send_job
+        from worker.protocol import send_job
 
         try:
             send_job(self.celery, job, retry=True, retry_policy={"max_retries": 1, "interval_start": 0,

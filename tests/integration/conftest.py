@@ -21,7 +21,7 @@ from worker.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = {"model": {"name": "small_cnn"},
-        "data": {"dataset": "digits", "image_size": 16, "subset": 300, "num_workers": 0},
+        "data": {"dataset": "digits", "image_size": 16, "subset": 300, },
         "training": {"epochs": 2, "batch_size": 32, "device": "cpu", "log_every_steps": 2}}
 
 

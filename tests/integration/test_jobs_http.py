@@ -119,7 +119,7 @@ def test_uploaded_imagefolder_zip_trains(live_service):
     ds = r.json()
     assert ds["classes"] == [str(i) for i in range(10)] and sum(ds["counts"].values()) == 120
     config = {"model": {"name": "small_cnn"},
-              "data": {"dataset": ds["id"], "image_size": 16, "num_workers": 0},
+              "data": {"dataset": ds["id"], "image_size": 16, },
               "training": {"epochs": 2, "batch_size": 16, "device": "cpu"}}
     done = s.wait(s.submit(config)["id"])
     assert done["status"] == "succeeded", done
