@@ -1,17 +1,18 @@
 """One checkpoint schema: a plain dict saved atomically, loadable with weights_only=True.
 
-``save_checkpoint`` writes ``<name>.pt`` via a temp file + ``os.replace`` (a crash never leaves
+``save_checkpoint`` writes ``<name>.pt`` with ``ml.files.atomic_write`` (a crash never leaves
 a half-written checkpoint) and a small JSON sidecar ``<name>.json`` so a run can be inspected
 without torch.
 """
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ml.files import atomic_write
 
 FORMAT = "kiln.checkpoint/1"
 KILN_VERSION = "0.1.0"
@@ -35,29 +36,15 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
         model = inner
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """Atomically write ``state`` to ``path`` (tmp + os.replace) and its JSON sidecar."""
+    """Atomically write ``state`` to ``path`` and its JSON sidecar."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {"format": FORMAT, **state}
-    _atomic_write(path, lambda f: torch.save(state, f))
+    atomic_write(path, lambda f: torch.save(state, f))
     sidecar = {k: state[k] for k in _SIDECAR_KEYS if k in state}
     sidecar["size"] = path.stat().st_size
     text = json.dumps(sidecar, indent=1, default=str).encode()
-    _atomic_write(path.with_suffix(".json"), lambda f: f.write(text))
+    atomic_write(path.with_suffix(".json"), text)
     return path
 
 

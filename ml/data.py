@@ -17,8 +17,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from configs.schema import DataConfig
-
+from ml import folders
 from ml.images import base_array, to_channels
+
 _STATS_MAX_IMAGES = 2000      # normalisation stats from at most this many training images
 _TENSORISE_MAX_BYTES = 1 << 30  # in-memory datasets below this are pre-tensorised once
 
@@ -132,16 +133,23 @@ def load_source(cfg: DataConfig, dataset_roots: Mapping[str, str] | None = None)
         if root is None:
             raise ValueError(f"dataset {cfg.dataset} is not available to this trainer; upload it first "
                              "(POST /v1/datasets) or use dataset: imagefolder with a root")
-    from torchvision.datasets import ImageFolder
+    if root is None:
+        raise ValueError("data.root is required with dataset: imagefolder (a folder of <class>/<image> files)")
+    return folder_source(root)
 
-    try:
-        folder = ImageFolder(root)
-    except (FileNotFoundError, OSError) as exc:
-        raise ValueError(f"data.root {root}: {exc}; expected <root>/<class>/<image> files") from None
-    if len(folder.classes) < 2:
-        raise ValueError(f"data.root {root} has {len(folder.classes)} class folder(s); need at least 2")
-    return Source(lambda i: folder.loader(folder.samples[i][0]), np.array(folder.targets, dtype=np.int64),
-                  list(folder.classes), 3, False)
+
+def folder_source(root: str, classes: Sequence[str] | None = None) -> Source:
+    """An ImageFolder-layout folder as a Source; ``classes`` (a model's) fixes the label indices."""
+    listing = folders.labelled(root)
+    classes = list(classes) if classes is not None else listing.classes
+    unknown = sorted(set(listing.labels) - set(classes))
+    if unknown:
+        raise ValueError(f"{root}: class folders {unknown} are not among the classes {classes}")
+    if len(classes) < 2:
+        raise ValueError(f"data.root {root} has {len(classes)} class folder(s); need at least 2")
+    index = {c: i for i, c in enumerate(classes)}
+    labels = np.array([index[c] for c in listing.labels], dtype=np.int64)
+    return Source(lambda i: folders.open_rgb(listing.files[i]), labels, classes, 3, False)
 
 
 def split_indices(labels: np.ndarray, val_split: float, seed: int, subset: int | None = None):

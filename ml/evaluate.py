@@ -15,16 +15,17 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from configs.names import is_id
 from configs.schema import BUILTIN_DATASETS, DataConfig, ModelConfig, apply_overrides, parse_config
 from ml.checkpoint import load_checkpoint
-from ml.data import LazyImages, Source, build_data, eval_transform, make_loader
+from ml.data import LazyImages, build_data, eval_transform, folder_source, make_loader
 from ml.models import build_model
 
 
 def classification_metrics(logits: torch.Tensor, targets: torch.Tensor, classes: list[str],
                            top_k: int = 5) -> dict:
     """Metrics from logits [N,K] and integer targets [N]."""
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+    from sklearn.metrics import precision_recall_fscore_support
 
     k = len(classes)
     pred = logits.argmax(1).numpy()
@@ -40,22 +41,21 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor, classes:
         "macro_f1": float(np.mean(f)), "classes": classes,
         "per_class": {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
                       for i, c in enumerate(classes)},
-        "confusion_matrix": confusion_matrix(y, pred, labels=labels).tolist(),
+        "confusion_matrix": confusion(y, pred, labels),
     }
 
 
-def _folder_dataset(root: str, ckpt: dict, transform):
-    """A labelled ImageFolder whose class folders are named after (a subset of) the model's classes."""
-    from torchvision.datasets import ImageFolder
+def confusion(true, pred, labels) -> list[list[int]]:
+    """Confusion matrix over ``labels`` in that order: rows are true labels, columns predicted ones."""
+    from sklearn.metrics import confusion_matrix
 
-    folder = ImageFolder(root)
-    unknown = sorted(set(folder.classes) - set(ckpt["classes"]))
-    if unknown:
-        raise ValueError(f"{root}: class folders {unknown} are not classes of the model ({ckpt['classes']})")
-    index = {c: i for i, c in enumerate(ckpt["classes"])}
-    labels = np.array([index[folder.classes[t]] for t in folder.targets], dtype=np.int64)
-    source = Source(lambda i: folder.loader(folder.samples[i][0]), labels, list(ckpt["classes"]), 3, False)
-    return LazyImages(source, np.arange(len(labels)), transform)
+    return confusion_matrix(true, pred, labels=labels).tolist()
+
+
+def _folder_dataset(root: str, ckpt: dict, transform):
+    """A labelled folder whose class folders are named after (a subset of) the model's classes."""
+    source = folder_source(root, ckpt["classes"])
+    return LazyImages(source, np.arange(len(source.labels)), transform)
 
 
 def evaluate_checkpoint(path: str | Path, data: str | DataConfig | Mapping | None = None, *,
@@ -70,7 +70,7 @@ def evaluate_checkpoint(path: str | Path, data: str | DataConfig | Mapping | Non
     training = cfg.get("training") or {}
     seed = int(training.get("seed", 0))
     bs = batch_size or int(training.get("batch_size", 64))  # training's batch size: same numerics
-    if isinstance(data, str) and data not in BUILTIN_DATASETS and not _is_id(data):
+    if isinstance(data, str) and data not in BUILTIN_DATASETS and not is_id(data):
         dataset = _folder_dataset(data, ckpt, eval_transform(size, in_ch, norm["mean"], norm["std"]))
         described = {"root": data}
     else:
@@ -105,14 +105,6 @@ def evaluate_checkpoint(path: str | Path, data: str | DataConfig | Mapping | Non
             targets.append(torch.as_tensor(y))
     out = classification_metrics(torch.cat(logits), torch.cat(targets), list(ckpt["classes"]), top_k)
     return {"checkpoint": str(path), "epoch": ckpt.get("epoch"), "data": described, **out}
-
-
-def _is_id(value: str) -> bool:
-    import re
-
-    from configs.schema import DATASET_ID_RE
-
-    return re.fullmatch(DATASET_ID_RE, value) is not None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,10 +21,11 @@ from pathlib import Path, PurePosixPath
 
 from PIL import Image
 
+from configs.names import is_id
+from ml.folders import IMAGE_EXTENSIONS, is_image
+from worker.clock import iso, utcnow
 from worker.errors import InvalidInput, NotFound
-from worker.store import iso, utcnow
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 RATIO_FLOOR = 1 << 20  # entries under 1 MiB inflated can't bomb anyone; a flat-colour BMP may compress 1000x
 MAX_DETAILS = 50
 CHUNK = 1 << 20
@@ -69,7 +70,7 @@ def _unsafe_name(info: zipfile.ZipInfo) -> str | None:
 
 
 def _junk(parts: tuple[str, ...]) -> bool:
-    # macOS Finder adds __MACOSX/ and .DS_Store; ImageFolder ignores hidden files too
+    # macOS Finder adds __MACOSX/ and .DS_Store; ml.folders skips hidden files too
     return parts[0] == "__MACOSX" or any(p.startswith(".") for p in parts)
 
 
@@ -112,7 +113,7 @@ def plan_zip(zf: zipfile.ZipFile, settings) -> tuple[list[tuple[zipfile.ZipInfo,
         if len(rel) != 2:
             problems.add(info.filename, "expected <class>/<image> (optionally under one top-level folder)")
             continue
-        if not rel[1].lower().endswith(IMAGE_EXTENSIONS):
+        if not is_image(rel[1]):
             problems.add(info.filename, f"not an image file; expected one of {', '.join(IMAGE_EXTENSIONS)}")
             continue
         classes.add(rel[0])
@@ -341,7 +342,7 @@ def get_dataset(kiln, dataset_id: str) -> dict:
     from worker import db
 
     row = None
-    if re.fullmatch(r"[0-9a-f]{32}", dataset_id or ""):
+    if is_id(dataset_id):
         with kiln.engine.connect() as conn:
             row = conn.execute(db.datasets.select().where(db.datasets.c.id == dataset_id)).first()
     if row is None:

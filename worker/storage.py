@@ -2,18 +2,19 @@
 
 Paths are relative POSIX paths (``jobs/<id>/train.log``); anything that could escape
 the root (``..``, absolute paths, backslashes, NUL) is refused. Writes are atomic:
-a temp file renamed into place locally; object stores write whole objects anyway.
+``ml.files.atomic_write`` locally; object stores write whole objects anyway.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import posixpath
-import tempfile
+import shutil
 from pathlib import Path
 
 import fsspec
 
+from ml.files import TEMP_PREFIX, atomic_write
 from worker.errors import InvalidInput
 
 CHUNK = 1 << 20
@@ -72,18 +73,7 @@ class Storage:
             with self.fs.open(full, "wb") as f:
                 f.write(data)
             return
-        os.makedirs(os.path.dirname(full), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(full), prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, full)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write(full, data)
 
     def read_bytes(self, path: str) -> bytes:
         with self.open(path, "rb") as f:
@@ -95,24 +85,15 @@ class Storage:
         if not self.is_local:
             self.fs.put_file(str(local), full)
             return
-        os.makedirs(os.path.dirname(full), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(full), prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as dst, open(local, "rb") as src:
-                for chunk in iter(lambda: src.read(CHUNK), b""):
-                    dst.write(chunk)
-            os.replace(tmp, full)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with open(local, "rb") as src:
+            atomic_write(full, lambda dst: shutil.copyfileobj(src, dst, CHUNK))
 
     def put_dir(self, local_dir: str | os.PathLike, prefix: str) -> int:
         """Upload every file under ``local_dir`` to ``prefix``/...; returns the number of files."""
         local_dir = Path(local_dir)
         count = 0
         for p in sorted(local_dir.rglob("*")):
-            if p.is_file() and not p.name.startswith(".tmp-"):
+            if p.is_file() and not p.name.startswith(TEMP_PREFIX):
                 self.put_file(p, f"{prefix}/{p.relative_to(local_dir).as_posix()}")
                 count += 1
         return count
@@ -147,7 +128,7 @@ class Storage:
                 continue
             name = posixpath.relpath(full if self.is_local else full.lstrip("/"),
                                      base if self.is_local else base.lstrip("/"))
-            if posixpath.basename(name).startswith(".tmp-"):
+            if posixpath.basename(name).startswith(TEMP_PREFIX):
                 continue  # an atomic write in progress
             item = {"name": name, "size": int(info.get("size") or 0)}
             if checksums:
