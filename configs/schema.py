@@ -17,6 +17,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from configs.names import ID_RE, JOB_KINDS, MODEL_REF_RE
+
 # Fixed registry of model names. torchvision names are listed here (not imported)
 # so that the web process can validate a config without paying `import torch`;
 # tests/unit/test_models.py checks each against torchvision's own registry.
@@ -31,11 +33,7 @@ TORCHVISION_MODELS = (
     "vit_b_16", "wide_resnet50_2",
 )
 MODEL_NAMES = CUSTOM_MODELS + TORCHVISION_MODELS
-BUILTIN_DATASETS = ("digits", "fake", "imagefolder")
-# Uploaded datasets are referred to by their id (32 lowercase hex digits).
-DATASET_ID_RE = r"^[0-9a-f]{32}$"
-# A model reference for predict jobs and /predict: name, name:version or name@alias.
-MODEL_REF_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}((:[0-9]{1,9})|(@[A-Za-z0-9][A-Za-z0-9_.-]{0,63}))?$"
+BUILTIN_DATASETS = ("digits", "fake", "imagefolder")  # or an uploaded dataset's id (configs.names.ID_RE)
 
 Auto = Literal["auto"]
 
@@ -60,7 +58,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = _f("digits", "digits, fake, imagefolder (with root) or an uploaded dataset id",
-                      choices=BUILTIN_DATASETS, pattern=DATASET_ID_RE)
+                      choices=BUILTIN_DATASETS, pattern=ID_RE)
     root: Union[str, None] = _f(None, "folder in ImageFolder layout (dataset: imagefolder)")
     image_size: int = _f(32, "images are resized to image_size x image_size", min=8, max=1024)
     val_split: float = _f(0.2, "fraction of samples held out for validation", gt=0.0, lt=1.0)
@@ -109,7 +107,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class PredictDataConfig:
     dataset: str = _f("imagefolder", "an uploaded dataset id, imagefolder (with root) or digits",
-                      choices=BUILTIN_DATASETS, pattern=DATASET_ID_RE)
+                      choices=BUILTIN_DATASETS, pattern=ID_RE)
     root: Union[str, None] = _f(None, "folder of images (dataset: imagefolder); labelled if in class folders")
     subset: Union[int, None] = _f(None, "use only the first N samples", min=1)
 
@@ -165,7 +163,7 @@ def _check_value(value: Any, tp: Any, meta: dict, path: str) -> tuple[Any, str |
         if pattern and re.fullmatch(pattern, value):
             return value, None
         if choices:
-            extra = " or an uploaded dataset id" if pattern == DATASET_ID_RE else ""
+            extra = " or an uploaded dataset id" if pattern == ID_RE else ""
             return None, f"unknown value {value!r}; expected one of {', '.join(map(str, choices))}{extra}"
         if pattern:
             return None, f"{value!r} does not match the expected format {pattern}"
@@ -254,9 +252,9 @@ def _cross_checks(cfg: Any, errors: list[FieldError]) -> None:
 
 def parse_config(data: Any, kind: str = "train") -> Any:
     """Validate a plain mapping into a TrainConfig (kind=train) or PredictConfig (kind=predict)."""
-    cls = {"train": TrainConfig, "predict": PredictConfig}.get(kind)
+    cls = {"train": TrainConfig, "predict": PredictConfig}.get(kind) if kind in JOB_KINDS else None
     if cls is None:
-        raise ConfigError([FieldError("kind", f"unknown kind {kind!r}; expected train or predict")])
+        raise ConfigError([FieldError("kind", f"unknown kind {kind!r}; expected {' or '.join(JOB_KINDS)}")])
     errors: list[FieldError] = []
     cfg = _build(cls, data, "", errors)
     if cfg is not None and not errors:

@@ -7,38 +7,21 @@ A lease (owner, heartbeat, expiry) is taken atomically before a job runs.
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 
+from configs.names import ACTIVE_STATES as ACTIVE, TERMINAL_STATES as TERMINAL
 from worker import db
+from worker.clock import iso, utcnow
 from worker.errors import Conflict, NotFound
 
-STATES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
-TERMINAL = ("succeeded", "failed", "cancelled")
-ACTIVE = ("running", "cancelling")
 ALLOWED = {  # from -> the states it may move to; terminal states move nowhere
     "queued": {"running", "cancelled", "failed"},
     "running": {"succeeded", "failed", "cancelled", "cancelling", "queued"},
     "cancelling": {"cancelled", "failed", "succeeded", "queued"},
 }
 J = db.jobs
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def as_utc(value: datetime | None) -> datetime | None:
-    """SQLite hands timestamps back naive; they were written as UTC."""
-    if value is None or value.tzinfo is not None:
-        return value
-    return value.replace(tzinfo=timezone.utc)
-
-
-def iso(value: datetime | None) -> str | None:
-    value = as_utc(value)
-    return None if value is None else value.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class JobStore:

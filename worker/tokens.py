@@ -13,32 +13,21 @@ import hmac
 import os
 import re
 import secrets
-import tempfile
 import uuid
-from datetime import datetime, timezone
 from pathlib import Path
 
 import sqlalchemy as sa
 
+from configs.names import HEX_ID, TOKEN_NAME_RE
+from ml.files import atomic_write
+from worker import db
+from worker.clock import iso, utcnow
 from worker.errors import Conflict, InvalidInput, NotFound
 
 SCOPES = ("read", "submit", "predict", "admin")
 PREFIX = "kiln_"
-NAME_RE = r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}"
-TOKEN_RE = re.compile(rf"^{PREFIX}(?P<id>[0-9a-f]{{32}}|[0-9]{{1,18}})_(?P<secret>[A-Za-z0-9_-]{{20,128}})$")
+TOKEN_RE = re.compile(rf"^{PREFIX}(?P<id>{HEX_ID})_(?P<secret>[A-Za-z0-9_-]{{20,128}})$")
 ADMIN_TOKEN_FILE = "admin-token"
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def _iso(value) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    return value.isoformat().replace("+00:00", "Z")
 
 
 def hash_secret(secret: str) -> str:
@@ -66,59 +55,42 @@ class TokenStore:
 
     def __init__(self, engine: sa.Engine):
         self.engine = engine
-        self.table = _tokens_table()
-        self._int_ids = isinstance(self.table.c.id.type, sa.Integer)
-        self._json_scopes = isinstance(self.table.c.scopes.type, sa.JSON)
+        self.table = db.tokens
 
     @classmethod
     def from_settings(cls, settings) -> "TokenStore":
-        from worker import db
+        return cls(db.make_engine(settings))
 
-        make = (getattr(db, "make_engine", None) or getattr(db, "get_engine", None)
-                or getattr(db, "create_engine", None) or getattr(db, "engine"))
-        return cls(make(settings))
-
-    # ------------------------------------------------------------ rows
-    def _scopes_out(self, raw) -> list[str]:
-        if isinstance(raw, str):
-            return raw.replace(",", " ").split()
-        return list(raw or [])
-
-    def _row(self, row) -> dict:
-        return {"id": str(row.id), "name": row.name, "scopes": self._scopes_out(row.scopes),
-                "created_at": _iso(row.created_at), "revoked_at": _iso(row.revoked_at)}
+    @staticmethod
+    def _row(row) -> dict:
+        return {"id": row.id, "name": row.name, "scopes": list(row.scopes),
+                "created_at": iso(row.created_at), "revoked_at": iso(row.revoked_at)}
 
     # ------------------------------------------------------------ operations
     def create(self, name: str, scopes) -> tuple[str, dict]:
         """Create a token; returns (plaintext token, row). The plaintext is not kept anywhere."""
-        if not isinstance(name, str) or not re.fullmatch(NAME_RE, name):
+        if not isinstance(name, str) or not re.fullmatch(TOKEN_NAME_RE, name):
             raise InvalidInput(f"token name {name!r} must be 1-64 letters, digits, '_', '.', '@' or '-'")
         scopes = parse_scopes(scopes)
         secret = secrets.token_urlsafe(32)
-        values = {"name": name, "hash": hash_secret(secret), "created_at": _now(), "revoked_at": None,
-                  "scopes": scopes if self._json_scopes else " ".join(scopes)}
-        if not self._int_ids:
-            values["id"] = uuid.uuid4().hex
+        values = {"id": uuid.uuid4().hex, "name": name, "hash": hash_secret(secret), "created_at": utcnow(),
+                  "revoked_at": None, "scopes": scopes}
         t = self.table
         with self.engine.begin() as conn:
             taken = conn.execute(sa.select(t.c.id).where(t.c.name == name, t.c.revoked_at.is_(None))).first()
             if taken:
                 raise Conflict(f"an active token named {name!r} exists; revoke it first or pick another name")
-            result = conn.execute(t.insert().values(**values))
-            token_id = values.get("id") or result.inserted_primary_key[0]
-            row = conn.execute(sa.select(t).where(t.c.id == token_id)).one()
-        return f"{PREFIX}{token_id}_{secret}", self._row(row)
+            conn.execute(t.insert().values(**values))
+            row = conn.execute(sa.select(t).where(t.c.id == values["id"])).one()
+        return f"{PREFIX}{values['id']}_{secret}", self._row(row)
 
     def verify(self, token: str) -> dict | None:
         """The active token's row for a presented token, or None (malformed, unknown, revoked)."""
         m = TOKEN_RE.match(token or "")
         if not m:
             return None
-        if self._int_ids and not m["id"].isdigit():
-            return None
-        token_id = int(m["id"]) if self._int_ids else m["id"]
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(self.table).where(self.table.c.id == token_id)).first()
+            row = conn.execute(sa.select(self.table).where(self.table.c.id == m["id"])).first()
         expected = row.hash if row is not None else hash_secret("")  # compare anyway: same timing
         ok = hmac.compare_digest(expected, hash_secret(m["secret"]))
         if row is None or not ok or row.revoked_at is not None:
@@ -129,15 +101,12 @@ class TokenStore:
         """Revoke the active token with this id, or every active token with this name."""
         t = self.table
         ident = str(name_or_id).strip()
-        match = [t.c.name == ident]
-        if not self._int_ids or ident.isdigit():
-            match.append(t.c.id == (int(ident) if self._int_ids else ident))
         with self.engine.begin() as conn:
-            rows = conn.execute(sa.select(t).where(sa.or_(*match),
+            rows = conn.execute(sa.select(t).where(sa.or_(t.c.name == ident, t.c.id == ident),
                                                    t.c.revoked_at.is_(None))).all()
             if not rows:
                 raise NotFound(f"no active token with name or id {ident!r}; see `flask --app web tokens list`")
-            conn.execute(t.update().where(t.c.id.in_([r.id for r in rows])).values(revoked_at=_now()))
+            conn.execute(t.update().where(t.c.id.in_([r.id for r in rows])).values(revoked_at=utcnow()))
             rows = conn.execute(sa.select(t).where(t.c.id.in_([r.id for r in rows]))).all()
         return [self._row(r) for r in rows]
 
@@ -151,32 +120,8 @@ class TokenStore:
             return [self._row(r) for r in conn.execute(query)]
 
 
-def _tokens_table() -> sa.Table:
-    """worker.db's tokens table, whether it is a Core table or an ORM class."""
-    from worker import db
-
-    table = getattr(db, "tokens", None)
-    if isinstance(table, sa.Table):
-        return table
-    return getattr(db, "Token").__table__
-
-
 def admin_token_path(settings) -> Path:
     return settings.home_path / ADMIN_TOKEN_FILE
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Write a file readable by its owner only (mode 600), atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".admin-token.")  # mkstemp creates it 0600
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text + "\n")
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def ensure_admin_token(settings, store: TokenStore | None = None) -> str | None:
@@ -198,5 +143,5 @@ def ensure_admin_token(settings, store: TokenStore | None = None) -> str | None:
     taken = {r["name"] for r in store.list(include_revoked=False)}
     name = next(n for n in ("admin", *(f"admin-{i}" for i in range(2, 10_000))) if n not in taken)
     token, _ = store.create(name, ["admin"])
-    _write_private(path, token)
+    atomic_write(path, (token + "\n").encode(), mode=0o600)  # owner-only, like ~/.ssh keys
     return token
