@@ -1,11 +1,20 @@
-"""Kiln's Flask app factory (flaskr style): no connection, model load or torch import at import time."""
+"""Kiln's Flask app factory (flaskr style): no connection, model load or torch import at import time.
+
+Flask itself is imported inside the factory, so ``web.client`` (the `kiln` CLI, HTTP only)
+imports without it.
+"""
 from __future__ import annotations
 
-from flask import Flask
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from flask import Flask
 
 
-def create_app(settings=None) -> Flask:
+def create_app(settings=None) -> "Flask":
     """Build the app from ``settings`` (None: read the environment once, here)."""
+    from flask import Flask
+
     from configs import Settings
     from worker.service import Kiln
 
@@ -18,21 +27,11 @@ def create_app(settings=None) -> Flask:
     app.url_map.merge_slashes = False
     app.extensions["kiln"] = Kiln(settings)  # cheap: the facade connects lazily
 
-    from web import auth, datasets, errors, health, jobs, metrics, openapi
+    from web import auth, dashboard, datasets, errors, health, jobs, metrics, models_api, openapi, predict
 
     errors.init_app(app)
-    metrics.init_app(app)  # before auth, so refused requests are timed too
+    metrics.init_app(app)  # registers /metrics; its hooks go first, so requests auth refuses are timed too
     auth.init_app(app)
-    for module in (health, jobs, datasets, openapi):
+    for module in (health, jobs, datasets, openapi, models_api, predict, dashboard):
         app.register_blueprint(module.bp)
-
-    # --- serving engineer's blueprints (web/models_api.py, web/predict.py) ---
-    from web import models_api, predict
-
-    app.register_blueprint(models_api.bp)
-    app.register_blueprint(predict.bp)
-    # --- end serving blueprints; dashboard / metrics blueprints register below ---
-    from web import dashboard
-
-    app.register_blueprint(dashboard.bp)
     return app

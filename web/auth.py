@@ -16,8 +16,9 @@ import click
 from flask import current_app, g, request
 from flask.cli import AppGroup
 
-from web.errors import ApiError
-from worker.errors import KilnError
+from web.context import settings as app_settings
+from worker.db import migrate
+from worker.errors import Forbidden, KilnError, Unauthorized
 from worker.tokens import SCOPES, TokenStore, allows
 
 # endpoint -> scope. read: GETs; submit: create/cancel jobs, upload datasets;
@@ -48,25 +49,12 @@ METRICS_ENDPOINT = "metrics.metrics"
 PROTECTED_PREFIXES = ("/v1/", "/predict")
 
 
-def _unauthorized(message: str) -> ApiError:
-    return ApiError(401, "unauthorized", message)
-
-
-def _forbidden(message: str, details=None) -> ApiError:
-    return ApiError(403, "forbidden", message, details)
-
-
-def _settings(app):
-    settings = app.config.get("KILN_SETTINGS")
-    return settings if settings is not None else app.extensions["kiln"].settings
-
-
 def token_store(app=None) -> TokenStore:
     """The app's TokenStore, built once from its settings (shares worker.db's engine)."""
     app = app or current_app._get_current_object()
     store = app.extensions.get("kiln.tokens")
     if store is None:
-        store = app.extensions["kiln.tokens"] = TokenStore.from_settings(_settings(app))
+        store = app.extensions["kiln.tokens"] = TokenStore.from_settings(app_settings(app))
     return store
 
 
@@ -94,7 +82,7 @@ def _bearer() -> str | None:
 def check_request():
     """before_request: 401 without a valid token, 403 without the endpoint's scope."""
     app = current_app._get_current_object()
-    settings = _settings(app)
+    settings = app_settings(app)
     if not settings.auth_enabled or request.method == "OPTIONS":
         return None
     rule = request.url_rule.rule if request.url_rule is not None else None
@@ -104,14 +92,14 @@ def check_request():
     token = _bearer()
     if token is None:
         g.kiln_auth_failed = True
-        raise _unauthorized("missing token: send 'Authorization: Bearer <token>' "
+        raise Unauthorized("missing token: send 'Authorization: Bearer <token>' "
                            "(create one with `flask --app web tokens create --name NAME --scope read`)")
     row = token_store(app).verify(token)
     if row is None:
         g.kiln_auth_failed = True
-        raise _unauthorized("invalid or revoked token")
+        raise Unauthorized("invalid or revoked token")
     if not allows(row["scopes"], scope):
-        raise _forbidden(f"token {row['name']!r} lacks the {scope!r} scope this endpoint needs "
+        raise Forbidden(f"token {row['name']!r} lacks the {scope!r} scope this endpoint needs "
                         f"(it has: {', '.join(row['scopes'])})", {"required": scope, "scopes": row["scopes"]})
     g.kiln_token = row
     return None
@@ -129,12 +117,7 @@ tokens_cli = AppGroup("tokens", help="Create, list and revoke API access tokens.
 
 def _cli_store() -> TokenStore:
     app = current_app._get_current_object()
-    try:
-        from worker.db import migrate
-
-        migrate(_settings(app))  # idempotent; lets `tokens create` work on a fresh home
-    except ImportError:  # pragma: no cover - worker.db not installed
-        pass
+    migrate(app_settings(app))  # idempotent; lets `tokens create` work on a fresh home
     return token_store(app)
 
 

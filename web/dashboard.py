@@ -6,7 +6,9 @@ token the user pastes once (kept in sessionStorage for the tab's lifetime).
 """
 from __future__ import annotations
 
-from flask import Blueprint, current_app, render_template
+from flask import Blueprint, render_template
+
+from web.context import settings
 
 # Own static route (/ui/...) so the page works whatever the app's static folder is.
 bp = Blueprint("dashboard", __name__, template_folder="templates", static_folder="static",
@@ -16,7 +18,4 @@ bp = Blueprint("dashboard", __name__, template_folder="templates", static_folder
 @bp.get("/")
 def index():
     """The dashboard page: jobs with progress, a job's live curves, log and artifacts, models."""
-    settings = current_app.config.get("KILN_SETTINGS")
-    if settings is None:
-        settings = current_app.extensions["kiln"].settings
-    return render_template("dashboard.html", auth_enabled=settings.auth_enabled)
+    return render_template("dashboard.html", auth_enabled=settings().auth_enabled)

@@ -1,17 +1,14 @@
 """/v1/datasets: upload a zip in ImageFolder layout, list and inspect uploaded datasets."""
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify, request, url_for
+from flask import Blueprint, jsonify, request, url_for
 
-from web.errors import ApiError
+from web.context import kiln
 from web.schemas import DATASET_NAME, doc, validate
+from worker.errors import BadRequest, UnsupportedMediaType
 
 bp = Blueprint("datasets", __name__, url_prefix="/v1/datasets")
 ZIP_TYPES = ("application/zip", "application/x-zip-compressed", "application/octet-stream")
-
-
-def _kiln():
-    return current_app.extensions["kiln"]
 
 
 def _upload():
@@ -20,12 +17,12 @@ def _upload():
     if mimetype == "multipart/form-data":
         upload = request.files.get("file")
         if upload is None:
-            raise ApiError(400, "missing_file", "multipart body has no `file` field; send file=@data.zip")
+            raise BadRequest("multipart body has no `file` field; send file=@data.zip", code="missing_file")
         return upload.stream, upload.filename or "upload.zip", request.form.get("name") or None
     if mimetype in ZIP_TYPES:
         return request.stream, "upload.zip", request.args.get("name") or None
-    raise ApiError(415, "unsupported_media_type", f"unsupported content type {mimetype or '(none)'}; "
-                   "send multipart/form-data with a `file` field holding a zip")
+    raise UnsupportedMediaType(f"unsupported content type {mimetype or '(none)'}; "
+                               "send multipart/form-data with a `file` field holding a zip")
 
 
 @bp.post("")
@@ -38,7 +35,7 @@ def create():
     fileobj, filename, name = _upload()
     if name is not None:
         name = validate({"type": "object", "properties": {"name": DATASET_NAME}}, {"name": name}, "name")["name"]
-    dataset = _kiln().create_dataset(fileobj, filename, name=name)
+    dataset = kiln().create_dataset(fileobj, filename, name=name)
     resp = jsonify(dataset)
     resp.status_code = 201
     resp.headers["Location"] = url_for("datasets.get_dataset", dataset_id=dataset["id"])
@@ -49,11 +46,11 @@ def create():
 @doc(responses={200: "every uploaded dataset, newest first"})
 def list_datasets():
     """Every uploaded dataset."""
-    return jsonify({"datasets": _kiln().list_datasets()})
+    return jsonify({"datasets": kiln().list_datasets()})
 
 
 @bp.get("/<dataset_id>")
 @doc(responses={200: "the dataset", 404: "no such dataset"})
 def get_dataset(dataset_id: str):
     """One uploaded dataset: classes, per-class counts, size."""
-    return jsonify(_kiln().get_dataset(dataset_id))
+    return jsonify(kiln().get_dataset(dataset_id))

@@ -1,20 +1,22 @@
-"""One error type and one set of handlers: every error leaves as JSON.
+"""One set of handlers: every error leaves as ``{"error": {"code", "message", "details"}}``.
 
-The shape is ``{"error": {"code", "message", "details"}}`` whatever raised it: a
-service-layer KilnError, a ConfigError (one detail per bad field), a werkzeug
-HTTPException (404, 405, 413, bad JSON ...) or an unexpected exception (500, logged).
+Whatever raised it: one of worker.errors' classes (Kiln's one error vocabulary), a
+ConfigError (one detail per bad field), a werkzeug HTTPException (404, 405, 413 from
+MAX_CONTENT_LENGTH, ...; its code comes from the same vocabulary) or an unexpected
+exception (500, logged).
 """
 from __future__ import annotations
 
-from flask import jsonify
+from flask import current_app, jsonify
 from werkzeug.exceptions import HTTPException
 
 from configs import ConfigError
-from worker.errors import KilnError
+from worker.errors import BY_STATUS, KilnError
 
 
 class ApiError(KilnError):
-    """An error raised by the web layer itself, with an explicit HTTP status."""
+    """An error whose status is given where it is raised, for statuses worker.errors has no class for
+    (a 500 the model itself caused, say); use those classes for every other status."""
 
     def __init__(self, status: int, code: str, message: str, details=None):
         super().__init__(message, details, code=code)
@@ -30,6 +32,10 @@ def error_response(status: int, code: str, message: str, details=None, headers=N
     return resp
 
 
+def too_large_message(limit: int | None) -> str:
+    return f"the request body is over the limit of {limit} bytes" if limit else "the request body is too large"
+
+
 def _kiln_error(exc: KilnError):
     return error_response(exc.status, exc.code, exc.message, exc.details)
 
@@ -40,20 +46,19 @@ def _config_error(exc: ConfigError):
 
 def _http_error(exc: HTTPException):
     status = exc.code or 500
-    code = (exc.name or "error").lower().replace(" ", "_")
+    known = BY_STATUS.get(status)
+    code = known.code if known else (exc.name or "error").lower().replace(" ", "_")
     message = exc.description or exc.name
+    if status == 413:  # werkzeug's text does not say what the limit is
+        message = too_large_message(current_app.config.get("MAX_CONTENT_LENGTH"))
     details = None
     headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}
     if status == 405 and "Allow" in headers:
         details = {"allowed": [m.strip() for m in headers["Allow"].split(",")]}
-    if status == 413:
-        code = "payload_too_large"  # same code as the service layer's PayloadTooLarge
     return error_response(status, code, message, details, headers)
 
 
 def _unexpected(exc: Exception):
-    from flask import current_app
-
     current_app.logger.exception("unhandled error: %s", exc)
     return error_response(500, "internal_error", "internal server error; the server log has the details")
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify
 
+from web.context import kiln
+
 from web.errors import error_response
 from web.schemas import doc
 
@@ -21,7 +23,7 @@ def health():
 def ready():
     """Readiness: the facade checks the store, the broker and the storage."""
     try:
-        checks = current_app.extensions["kiln"].health()
+        checks = kiln().health()
     except Exception as exc:  # a readiness probe answers 503, never 500
         current_app.logger.warning("readiness check raised: %s", exc)
         return error_response(503, "not_ready", f"health check failed: {exc}", None)

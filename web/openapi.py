@@ -12,6 +12,7 @@ import re
 from flask import Blueprint, current_app, jsonify
 
 from web import schemas
+from web.context import settings as app_settings
 
 bp = Blueprint("openapi", __name__)
 HIDDEN_METHODS = {"HEAD", "OPTIONS"}
@@ -45,10 +46,9 @@ def _operation(app, rule, method: str) -> dict:
         op["description"] = " ".join(line.strip() for line in doc[1:]).strip()
     params = [{"name": arg, "in": "path", "required": True, "schema": {"type": "string"}}
               for arg in sorted(rule.arguments)]
-    settings = app.config.get("KILN_SETTINGS")
     for name, sub in (facts.get("query") or {}).get("properties", {}).items():
-        if name == "limit" and settings is not None:
-            sub = {**sub, "maximum": settings.page_size_max}  # what parse_query enforces
+        if name == "limit":
+            sub = {**sub, "maximum": app_settings(app).page_size_max}  # what parse_query enforces
         params.append({"name": name, "in": "query", "required": False, "schema": sub,
                        "description": sub.get("description", "")})
     if params:

@@ -11,12 +11,8 @@ import re
 from typing import Any, Callable
 
 from configs import PredictConfig, TrainConfig, json_schema, parse_config
-from web.errors import ApiError
-from worker.errors import InvalidInput
-
-JOB_STATUSES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
-JOB_KINDS = ("train", "predict")
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+from configs.names import JOB_KINDS, JOB_STATES, NAME_RE
+from worker.errors import BadRequest, InvalidInput
 
 JOB_SUBMISSION = {
     "type": "object", "additionalProperties": False, "required": ["config"],
@@ -29,7 +25,7 @@ JOB_SUBMISSION = {
 JOB_QUERY = {
     "type": "object",
     "properties": {
-        "status": {"type": "string", "enum": list(JOB_STATUSES), "description": "only jobs in this state"},
+        "status": {"type": "string", "enum": list(JOB_STATES), "description": "only jobs in this state"},
         "kind": {"type": "string", "enum": list(JOB_KINDS), "description": "only jobs of this kind"},
         "limit": {"type": "integer", "minimum": 1, "maximum": 200, "default": 50, "description": "page size"},
         "offset": {"type": "integer", "minimum": 0, "maximum": 10**9, "default": 0,
@@ -48,14 +44,14 @@ DATASET_UPLOAD = {
     "type": "object", "required": ["file"],
     "properties": {
         "file": {"type": "string", "format": "binary", "description": "zip in ImageFolder layout <class>/<image>"},
-        "name": {"type": "string", "pattern": NAME_PATTERN, "description": "display name (default: file name)"},
+        "name": {"type": "string", "pattern": NAME_RE, "description": "display name (default: file name)"},
     },
 }
 DATASET_NAME = DATASET_UPLOAD["properties"]["name"]
 MODEL_REGISTRATION = {
     "type": "object", "additionalProperties": False, "required": ["name", "job_id"],
     "properties": {
-        "name": {"type": "string", "pattern": NAME_PATTERN, "description": "model name"},
+        "name": {"type": "string", "pattern": NAME_RE, "description": "model name"},
         "job_id": {"type": "string", "description": "a succeeded train job"},
         "checkpoint": {"type": "string", "enum": ["best", "last"], "default": "best"},
     },
@@ -151,8 +147,8 @@ def parse_query(schema: dict, args, *, max_limit: int | None = None) -> dict:
             data[key] = raw
     out = _check({**schema, "properties": props}, data, "", errors)
     if errors:
-        raise ApiError(400, "bad_query", "invalid query parameters: " + "; ".join(
-            f"{e['field']}: {e['message']}" for e in errors), errors)
+        raise BadRequest("invalid query parameters: " + "; ".join(
+            f"{e['field']}: {e['message']}" for e in errors), errors, code="bad_query")
     return out
 
 

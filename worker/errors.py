@@ -1,7 +1,8 @@
-"""Errors the service layer raises; web/ turns each into the JSON error shape.
+"""Kiln's error vocabulary: one class per HTTP status it answers with; web/ turns each into JSON.
 
 ``status`` is the HTTP status the web layer answers with, ``code`` a stable
-machine-readable name, ``details`` anything structured (e.g. field errors).
+machine-readable name (a raise may pass a more specific one, e.g. ``invalid_json``),
+``details`` anything structured (e.g. field errors). Every layer above ml/ raises these.
 """
 from __future__ import annotations
 
@@ -18,8 +19,17 @@ class KilnError(Exception):
             self.code = code
 
 
-class InvalidInput(KilnError):
-    status, code = 422, "invalid_input"
+class BadRequest(KilnError):
+    """The request itself is malformed (body, query string, path)."""
+    status, code = 400, "bad_request"
+
+
+class Unauthorized(KilnError):
+    status, code = 401, "unauthorized"
+
+
+class Forbidden(KilnError):
+    status, code = 403, "forbidden"
 
 
 class NotFound(KilnError):
@@ -34,6 +44,19 @@ class PayloadTooLarge(KilnError):
     status, code = 413, "payload_too_large"
 
 
+class UnsupportedMediaType(KilnError):
+    status, code = 415, "unsupported_media_type"
+
+
+class InvalidInput(KilnError):
+    """Well-formed but invalid: one detail per bad field."""
+    status, code = 422, "invalid_input"
+
+
 class Unavailable(KilnError):
     """A dependency (broker, store, storage) cannot be reached right now."""
     status, code = 503, "unavailable"
+
+
+BY_STATUS = {cls.status: cls for cls in (BadRequest, Unauthorized, Forbidden, NotFound, Conflict, PayloadTooLarge,
+                                         UnsupportedMediaType, InvalidInput, Unavailable)}
