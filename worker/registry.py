@@ -4,13 +4,13 @@ A version is a finished job's best (or last) checkpoint, slimmed to what serving
 needs and stored as models/<name>/<version>/model.pt (weights_only-loadable),
 model.safetensors (weights) and card.json (classes, normalisation, config,
 metrics, sha256, source job). Version numbers come from a unique (name, version)
-constraint plus retry, so concurrent registrations never share a number. torch is
-imported only inside functions that need it (the facade must stay torch-free).
+constraint plus retry, so concurrent registrations never share a number. Only
+``write_artifacts`` imports torch; the web tier runs it in its forward process
+(``Registry.register_model(build=...)``), so the facade and web processes stay torch-free.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
@@ -23,6 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from worker.errors import Conflict, InvalidInput, NotFound
+from worker.storage import Storage, sha256_file
 
 NAME_RE = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
 REF_RE = re.compile(rf"^(?P<name>{NAME_RE})(?::(?P<version>[0-9]{{1,9}})|@(?P<alias>{NAME_RE}))?$")
@@ -72,27 +73,32 @@ def _table(name: str, orm_class: str) -> sa.Table:
     return getattr(db, orm_class).__table__
 
 
-def build_artifacts(ckpt: dict, *, name: str, job_id: str, checkpoint: str) -> tuple[bytes, bytes, dict]:
-    """A training checkpoint -> (model.pt bytes, model.safetensors bytes, card without version)."""
+def write_artifacts(src: str | Path, out_dir: str | Path, *, name: str, job_id: str | None,
+                    checkpoint: str) -> dict:
+    """A training checkpoint file -> model.pt and model.safetensors in ``out_dir``; returns the card (no version)."""
     import torch
-    from safetensors.torch import save as save_safetensors
+    from safetensors.torch import save_file
 
+    from ml.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(src, map_location="cpu")
     missing = [k for k in ("model", "config", "classes", "normalization") if k not in ckpt]
     if missing:
         raise InvalidInput(f"checkpoint lacks {', '.join(missing)}; it is not a Kiln training checkpoint")
     slim = {"format": ckpt.get("format", "kiln.checkpoint/1"), "kind": "model", "model": ckpt["model"],
             **{k: ckpt[k] for k in SLIM_KEYS if k in ckpt}, "epoch": ckpt.get("epoch"), "step": ckpt.get("step")}
-    buf = io.BytesIO()
-    torch.save(slim, buf)
-    model_pt = buf.getvalue()
+    out = Path(out_dir)
+    torch.save(slim, out / "model.pt")
     # safetensors refuses shared storage; clone gives each tensor its own.
-    weights = {k: v.detach().cpu().contiguous().clone() for k, v in ckpt["model"].items()}
-    card = {"name": name, "classes": list(ckpt["classes"]), "normalization": ckpt["normalization"],
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in ckpt["model"].items()},
+              out / "model.safetensors")
+    with open(out / "model.pt", "rb") as f:
+        sha256 = sha256_file(f)
+    return {"name": name, "classes": list(ckpt["classes"]), "normalization": ckpt["normalization"],
             "image_size": ckpt.get("image_size"), "in_channels": ckpt.get("in_channels"),
             "config": ckpt["config"], "metrics": ckpt.get("metrics") or {}, "best": ckpt.get("best") or {},
             "epoch": ckpt.get("epoch"), "source": {"job_id": job_id, "checkpoint": checkpoint},
-            "sha256": hashlib.sha256(model_pt).hexdigest(), "files": ["model.pt", "model.safetensors", "card.json"]}
-    return model_pt, save_safetensors(weights), card
+            "sha256": sha256, "files": ["model.pt", "model.safetensors", "card.json"]}
 
 
 class Registry:
@@ -110,7 +116,6 @@ class Registry:
     def from_settings(cls, settings, *, engine: sa.Engine | None = None, storage=None) -> "Registry":
         """A Registry on the settings' job store and artifact storage (pass the facade's if it has them)."""
         from worker import db
-        from worker.storage import Storage
 
         if engine is None:
             make = getattr(db, "make_engine", None) or getattr(db, "create_engine", None) or getattr(db, "engine")
@@ -119,8 +124,12 @@ class Registry:
                    cache_dir=settings.cache_path)
 
     # ------------------------------------------------------------- register
-    def register_model(self, name: str, job_id: str, checkpoint: str = "best") -> dict:
-        """Register a succeeded job's checkpoint as the next version of ``name``; returns the version."""
+    def register_model(self, name: str, job_id: str, checkpoint: str = "best", *, build=write_artifacts) -> dict:
+        """Register a succeeded job's checkpoint as the next version of ``name``; returns the version.
+
+        ``build`` has ``write_artifacts``'s signature; the web tier passes one that runs it in its
+        forward process.
+        """
         _check_name(name, "name")
         if checkpoint not in ("best", "last"):
             raise InvalidInput(f"checkpoint must be best or last, got {checkpoint!r}",
@@ -139,19 +148,18 @@ class Registry:
             raise NotFound(f"job {job_id} has no {checkpoint} checkpoint ({path}); "
                            + ("try checkpoint=last" if checkpoint == "best" else "it may have been deleted"))
         with self._local_copy(path) as local:
-            return self.register_checkpoint(name, local, job_id=job_id, checkpoint=checkpoint)
+            return self.register_checkpoint(name, local, job_id=job_id, checkpoint=checkpoint, build=build)
 
     def register_checkpoint(self, name: str, path: str | Path, *, job_id: str | None = None,
-                            checkpoint: str = "best") -> dict:
+                            checkpoint: str = "best", build=write_artifacts) -> dict:
         """Register a local checkpoint file as the next version of ``name`` (no job checks)."""
-        from ml.checkpoint import load_checkpoint
-
         _check_name(name, "name")
-        ckpt = load_checkpoint(path, map_location="cpu")
-        model_pt, safetensors_bytes, card = build_artifacts(ckpt, name=name, job_id=job_id, checkpoint=checkpoint)
-        return self._insert_version(name, job_id, checkpoint, model_pt, safetensors_bytes, card)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=self.cache_dir, prefix="register-") as out:
+            card = build(str(path), out, name=name, job_id=job_id, checkpoint=checkpoint)
+            return self._insert_version(name, job_id, checkpoint, Path(out), card)
 
-    def _insert_version(self, name, job_id, checkpoint, model_pt, st_bytes, card) -> dict:
+    def _insert_version(self, name, job_id, checkpoint, built: Path, card) -> dict:
         for _ in range(self.max_retries):
             created = _now()
             try:
@@ -168,8 +176,8 @@ class Registry:
                         card=self._column_value("card", card), sha256=card["sha256"],
                         created_at=self._column_value("created_at", created)))
                     prefix = model_prefix(name, version)
-                    self.storage.write_bytes(f"{prefix}/model.pt", model_pt)
-                    self.storage.write_bytes(f"{prefix}/model.safetensors", st_bytes)
+                    self.storage.put_file(built / "model.pt", f"{prefix}/model.pt")
+                    self.storage.put_file(built / "model.safetensors", f"{prefix}/model.safetensors")
                     self.storage.write_bytes(f"{prefix}/card.json", json.dumps(card, indent=2).encode())
             except IntegrityError:
                 continue
