@@ -202,7 +202,7 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=4.0, help="seconds per (server, clients) cell")
     ap.add_argument("--clients", default="1,8,32")
     ap.add_argument("--kiln-env", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra environment for Kiln's server (e.g. WEB_CONCURRENCY=4, KILN_TORCH_THREADS=2)")
+                    help="extra environment for Kiln's server (e.g. WEB_CONCURRENCY=4, KILN_FORWARD_WORKERS=2)")
     args = ap.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
     cores = os.cpu_count() or 1
@@ -238,9 +238,9 @@ def main() -> int:
         path = "/predict?model=bench@production"
         srv.wait_ready(path, bodies[0])
         from configs import Settings
-        from web.predict import torch_threads
+        from web.serving.web_app import forward_workers
 
-        forwards = torch_threads(Settings.from_env(env))
+        forwards = forward_workers(Settings.from_env(env))
         label = (f"kiln /predict ({env['WEB_CONCURRENCY']} gthread x {env.get('KILN_WEB_THREADS', 16)}, "
                  f"{forwards} fwd thr)")
         results[label] = {c: load(srv, path, bodies, c, args.duration) for c in levels}

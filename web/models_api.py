@@ -1,19 +1,20 @@
-"""/v1/models: register a finished job's checkpoint as a model version, list, move aliases."""
+"""/v1/models: register a finished job's checkpoint as a model version, list, move aliases.
+
+Registering builds the version's artifacts in the forward process (web/serving/), not in this one.
+"""
 from __future__ import annotations
 
 import re
 
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, jsonify, request
 
+from web import context
+from web.serving.web_app import serving
 from worker.errors import InvalidInput
 
 bp = Blueprint("models_api", __name__, url_prefix="/v1/models")
 
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-
-
-def _kiln():
-    return current_app.extensions["kiln"]
 
 
 def _body(fields: dict) -> dict:
@@ -44,24 +45,25 @@ def register():
     checkpoint = data.get("checkpoint", "best")
     if checkpoint not in ("best", "last"):
         raise InvalidInput("checkpoint must be best or last", [{"field": "checkpoint", "message": "best or last"}])
-    version = _kiln().register_model(data["name"], data["job_id"], checkpoint=checkpoint)
+    version = context.kiln().registry.register_model(data["name"], data["job_id"], checkpoint=checkpoint,
+                                                     build=serving().build_artifacts)
     return jsonify(version), 201
 
 
 @bp.get("")
 def list_models():
     """Every model with its versions, aliases and metrics."""
-    return jsonify(_kiln().list_models())
+    return jsonify(context.kiln().list_models())
 
 
 @bp.get("/<name>")
 def get_model(name: str):
     """One model: versions (with metrics and source job) and aliases."""
-    return jsonify(_kiln().get_model(name))
+    return jsonify(context.kiln().get_model(name))
 
 
 @bp.put("/<name>/aliases/<alias>")
 def set_alias(name: str, alias: str):
     """Point an alias (production, staging, ...) at a version; moving it is how a deploy happens."""
     data = _body({"version": ((int,), True)})
-    return jsonify(_kiln().set_alias(name, alias, data["version"]))
+    return jsonify(context.kiln().set_alias(name, alias, data["version"]))

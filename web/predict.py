@@ -1,8 +1,6 @@
-"""POST /predict: synchronous classification with dynamic batching.
+"""POST /predict: decode and validate inputs in the request thread, classify them in the forward process.
 
-Every input is decoded and validated in the request thread before it reaches the
-batch, so one bad image fails only its own request. torch is imported lazily (on the
-first /predict), never when the app is created.
+One bad image fails only its own request; the web process never imports torch (web/serving/).
 """
 from __future__ import annotations
 
@@ -11,9 +9,7 @@ import binascii
 import io
 import json
 import math
-import os
 import re
-import threading
 import warnings
 from concurrent.futures import TimeoutError as FutureTimeout
 
@@ -23,10 +19,11 @@ from PIL import Image, UnidentifiedImageError
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from configs.schema import MODEL_REF_RE
-from web.batcher import ModelServer
-from web.forward import ForwardDied, ForwardError
+from web import context
 from web.metrics import observe_batch, observe_queue_wait
-from worker.errors import InvalidInput, KilnError, PayloadTooLarge, Unavailable
+from web.serving.web_app import serving
+from web.serving.web_client import ForwardError
+from worker.errors import BadRequest, InvalidInput, PayloadTooLarge, Unavailable, UnsupportedMediaType
 
 bp = Blueprint("predict", __name__)
 
@@ -37,56 +34,8 @@ def _bombs_are_errors(state) -> None:
     # with 422. A filter, not catch_warnings(), because catch_warnings is not thread-safe.
     warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 
+
 PREDICT_TIMEOUT_S = 30.0  # a request waits this long for its batch, then answers 503
-_server_lock = threading.Lock()
-
-
-class BadRequest(KilnError):
-    status, code = 400, "bad_request"
-
-
-class InferenceFailed(KilnError):
-    """The model itself failed on valid input (a server-side fault, reported with its cause)."""
-    status, code = 500, "inference_failed"
-
-
-class UnsupportedMediaType(KilnError):
-    status, code = 415, "unsupported_media_type"
-
-
-def _settings():
-    app = current_app
-    settings = app.config.get("KILN_SETTINGS")
-    return settings if settings is not None else app.extensions["kiln"].settings
-
-
-def torch_threads(settings) -> int:
-    """Forward workers (one intra-op thread each): settings.torch_threads, else one per core for
-    the host's shared forward process (single-threaded workers share cores with the web
-    processes without stalling), or cores // web workers for private ones."""
-    if settings.torch_threads > 0:
-        return settings.torch_threads
-    cores = os.cpu_count() or 1
-    if settings.forward_address is not None:
-        return cores
-    workers = int(os.environ.get("WEB_CONCURRENCY", "1") or 1)  # set by gunicorn deployments
-    return max(1, cores // max(1, workers))
-
-
-def model_server() -> ModelServer:
-    """The process-wide ModelServer of this app, created on first use."""
-    app = current_app
-    server = app.extensions.get("kiln.serving")
-    if server is None:
-        with _server_lock:
-            server = app.extensions.get("kiln.serving")
-            if server is None:
-                s = _settings()
-                server = ModelServer(app.extensions["kiln"].resolve_model, max_batch_size=s.max_batch_size,
-                                     max_delay_ms=s.max_delay_ms, refresh_s=s.model_refresh_s,
-                                     torch_threads=torch_threads(s), forward_address=s.forward_address)
-                app.extensions["kiln.serving"] = server
-    return server
 
 
 # ---------------------------------------------------------------- decoding
@@ -196,7 +145,7 @@ def _query_top_k(num_classes: int) -> int:
 @bp.post("/predict")
 def predict():
     """Classify one or more images with a registered model (?model=name|name:version|name@alias)."""
-    settings = _settings()
+    settings = context.settings()
     ref = request.args.get("model") or settings.default_model
     if not ref:
         raise BadRequest("no model given: pass ?model=name, name:version or name@alias "
@@ -205,7 +154,7 @@ def predict():
         raise InvalidInput(f"model reference {ref!r} is not name, name:version or name@alias", code="bad_model_ref")
     served, rows = _run(ref, settings)
     body = {"model": {"name": served.name, "version": served.version},
-            "predictions": served.predictor.label_rows(*rows)}
+            "predictions": served.model.label_rows(*rows)}
     return current_app.response_class(json.dumps(body, separators=(",", ":")), mimetype="application/json")
 
 
@@ -218,9 +167,8 @@ def _read(settings) -> list:
 
 def _prepare(served, inputs: list):
     """The inputs through ``served``'s own eval transform (size, channels): uint8 [N,S,S,C]."""
-    predictor = served.predictor
     try:
-        arrays = [predictor.prepare(x, i) for i, x in enumerate(inputs)]
+        arrays = [served.model.prepare(x, i) for i, x in enumerate(inputs)]
     except ValueError as exc:
         raise InvalidInput(str(exc), code="bad_input") from None
     return arrays[0][None] if len(arrays) == 1 else np.stack(arrays)
@@ -228,18 +176,17 @@ def _prepare(served, inputs: list):
 
 def _run(ref: str, settings):
     """(the Served that answered, its (probabilities, indices) rows) for this request's inputs."""
-    served = model_server().get(ref)
-    top_k = _query_top_k(len(served.predictor.classes))
+    served = serving().models.get(ref)
+    top_k = _query_top_k(len(served.model.classes))
     arrays = _prepare(served, _read(settings))
-    try:
-        future = served.predictor.submit(arrays, top_k)
+    try:  # ForwardDied is Unavailable already: 503 as it is
+        future = served.model.submit(arrays, top_k)
         out = future.result(timeout=PREDICT_TIMEOUT_S)
-    except ForwardDied as exc:
-        raise Unavailable(str(exc)) from None
     except ForwardError as exc:
         if exc.kind == "QueueFull":
             raise Unavailable(f"server busy: {exc.detail}; retry shortly") from None
-        raise InferenceFailed(f"model {served.name} version {served.version} failed: {exc}") from None
+        # a server-side fault on valid input: 500, its cause in the server log
+        raise RuntimeError(f"model {served.name} version {served.version} failed: {exc}") from exc
     except FutureTimeout:
         future.cancel()
         raise Unavailable(f"prediction did not finish within {PREDICT_TIMEOUT_S:g} s; retry") from None

@@ -35,11 +35,11 @@ def trained_last(trained) -> Path:
 @pytest.fixture(scope="session")
 def forward_socket():
     """One forward process for every test app of the session (each new one imports torch anew)."""
-    from web.forward import ForwardClient
+    from web.serving.web_client import ForwardClient
 
     folder = tempfile.mkdtemp(prefix="kfwd", dir="/tmp")  # unix socket paths must stay short
     path = os.path.join(folder, "forward.sock")
-    keeper = ForwardClient(threads=1, max_batch_size=8, max_delay_ms=2.0, address=path)
+    keeper = ForwardClient(workers=1, max_batch_size=8, max_delay_ms=2.0, address=path)
     keeper.ping()  # starts it; this connection keeps it alive between tests
     yield path
     keeper.close()
@@ -51,7 +51,7 @@ def serve_settings(settings, forward_socket):
     """Test settings with small limits so the 4xx paths are cheap to reach."""
     return dataclasses.replace(settings, max_request_bytes=512 * 1024, max_image_pixels=512 * 512,
                                max_predict_images=8, max_batch_size=8, max_delay_ms=2.0,
-                               model_refresh_s=0.2, torch_threads=1, forward_socket=forward_socket)
+                               model_refresh_s=0.2, forward_workers=1, forward_socket=forward_socket)
 
 
 @pytest.fixture
@@ -70,6 +70,20 @@ def registered(registry, trained, trained_last):
     registry.register_checkpoint("digits", trained_last, checkpoint="last")
     registry.set_alias("digits", "production", 1)
     return registry
+
+
+@pytest.fixture
+def succeeded_job(serve_settings, trained, registry) -> str:
+    """The id of a succeeded training job whose best checkpoint is ``trained`` (what POST /v1/models takes)."""
+    from worker.storage import Storage
+    from worker.store import JobStore
+
+    store = JobStore.from_settings(serve_settings)
+    job_id = store.create("train", {"model": {"name": "small_cnn"}})["id"]
+    assert store.acquire_lease(job_id, "test", 30) and store.start(job_id, "test", "test-host")
+    assert store.finish(job_id, "test", "succeeded", "trained by the serving fixtures")
+    Storage(serve_settings.storage).put_file(trained, f"jobs/{job_id}/checkpoints/best.pt")
+    return job_id
 
 
 @pytest.fixture

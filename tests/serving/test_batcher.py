@@ -1,11 +1,11 @@
-"""The dynamic batcher: batching under concurrency, isolation of bad items, no delay when idle."""
+"""The forward process's batcher: batching under concurrency, isolation of bad items, no delay when idle."""
 from __future__ import annotations
 
 import threading
 
 import pytest
 
-from web.batcher import Batcher, BatcherClosed
+from web.serving.forward_batcher import Batcher, BatcherClosed
 
 
 def doubler(calls: list):
@@ -42,34 +42,6 @@ def test_concurrent_submissions_share_forward_calls():
         gate.set()
         assert [f.result(timeout=30) for f in futures] == [2 * i for i in range(40)]
         assert len(calls) < 40 and max(calls) <= 16 and sum(calls) == 40
-    finally:
-        b.close()
-
-
-def test_announced_requests_are_gathered_into_one_batch():
-    calls: list[int] = []
-    b = Batcher(doubler(calls), max_batch_size=4, max_delay_ms=3_600_000)
-    try:
-        slots = [b.incoming() for _ in range(4)]
-        handles = [s.__enter__() for s in slots]
-        futures = [h.submit(i) for i, h in enumerate(handles)]
-        for s in slots:
-            s.__exit__(None, None, None)
-        assert [f.result(timeout=30) for f in futures] == [0, 2, 4, 6]
-        # the first waited for the three announced ones (the batch fills to 4 and goes at once)
-        assert calls == [4]
-    finally:
-        b.close()
-
-
-def test_abandoned_announcement_does_not_stall_the_batch():
-    calls: list[int] = []
-    b = Batcher(doubler(calls), max_batch_size=8, max_delay_ms=3_600_000)
-    try:
-        with b.incoming():
-            fut = b.submit(5)
-            # a request that fails decoding leaves the block without submitting
-        assert fut.result(timeout=30) == 10
     finally:
         b.close()
 

@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from web.forward import ForwardClient, ForwardDied, ForwardError
+from web.serving.web_client import ForwardClient, ForwardDied, ForwardError
 
 KEY = ("digits", 1)
 
@@ -32,7 +29,7 @@ def address():
 
 
 def client(address, **kw) -> ForwardClient:
-    return ForwardClient(threads=kw.pop("threads", 1), max_batch_size=kw.pop("max_batch_size", 64),
+    return ForwardClient(workers=kw.pop("workers", 1), max_batch_size=kw.pop("max_batch_size", 64),
                          max_delay_ms=kw.pop("max_delay_ms", 20.0), address=address, **kw)
 
 
@@ -131,7 +128,7 @@ def test_a_bad_checkpoint_is_a_named_error_and_the_process_lives_on(address, tra
 
 
 def test_private_process_per_client(trained):
-    a = ForwardClient(threads=1, address=None)
+    a = ForwardClient(workers=1, address=None)
     try:
         desc = a.load(KEY, str(trained))
         pid = a.ping()
@@ -142,29 +139,25 @@ def test_private_process_per_client(trained):
     assert gone(pid)
 
 
-def test_web_processes_never_import_torch(serve_settings, registered, tmp_path):
-    """/predict end to end in a fresh interpreter: decoding, batching and answering without torch."""
-    from PIL import Image
 
-    from tests.serving.conftest import png
+def test_registry_builds_run_in_the_forward_process(serve_settings, registry, trained, tmp_path):
+    """What POST /v1/models does: the artifacts are written by the forward process, the row by the caller."""
+    import hashlib
 
-    script = textwrap.dedent(f'''
-        import dataclasses, sys
-        from configs import Settings
-        from web import create_app
-        settings = dataclasses.replace(Settings.for_home({str(serve_settings.home)!r}),
-                                       auth_enabled=False, torch_threads=1,
-                                       forward_socket={str(Path(tempfile.mkdtemp(dir="/tmp")) / "f.sock")!r})
-        app = create_app(settings)
-        body = open({str(tmp_path / "x.png")!r}, "rb").read()
-        r = app.test_client().post("/predict?model=digits@production", data=body, content_type="image/png")
-        assert r.status_code == 200, r.get_data(as_text=True)
-        app.extensions["kiln.serving"].close()
-        print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
-    ''')
-    (tmp_path / "x.png").write_bytes(png(Image.new("L", (8, 8), 128)))
-    root = Path(__file__).resolve().parents[2]
-    out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": str(root)})
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().splitlines()[-1] == "[]"
+    import torch
+
+    from web.serving.web_app import Serving
+    from worker.errors import InvalidInput
+
+    serving = Serving(serve_settings, registry.resolve_model)
+    try:
+        version = registry.register_checkpoint("remote", trained, build=serving.build_artifacts)
+        folder = Path(serve_settings.storage) / "models/remote/1"
+        assert sorted(p.name for p in folder.iterdir()) == ["card.json", "model.pt", "model.safetensors"]
+        assert version["classes"] == [str(i) for i in range(10)]
+        assert hashlib.sha256((folder / "model.pt").read_bytes()).hexdigest() == version["sha256"]
+        torch.save({"model": {}}, tmp_path / "foreign.pt")
+        with pytest.raises(InvalidInput, match="not a Kiln training checkpoint"):
+            registry.register_checkpoint("remote", tmp_path / "foreign.pt", build=serving.build_artifacts)
+    finally:
+        serving.close()

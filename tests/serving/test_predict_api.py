@@ -164,6 +164,18 @@ def test_models_api(client, trained):
     error_of(client.post("/v1/models", json={"name": "bad name", "job_id": "x"}), 422)
 
 
+def test_registering_a_succeeded_job_serves_its_new_version(client, succeeded_job, digit_pngs):
+    resp = client.post("/v1/models", json={"name": "digits", "job_id": succeeded_job})
+    assert resp.status_code == 201, resp.get_data(as_text=True)
+    version = resp.get_json()
+    assert version["version"] == 3 and version["job_id"] == succeeded_job and version["checkpoint"] == "best"
+    served = client.post("/predict?model=digits:3", data=digit_pngs[0][0], content_type="image/png")
+    assert served.status_code == 200 and served.get_json()["model"] == {"name": "digits", "version": 3}
+    missing = error_of(client.post("/v1/models", json={"name": "digits", "job_id": succeeded_job,
+                                                       "checkpoint": "last"}), 404)
+    assert "no last checkpoint" in missing["message"]
+
+
 def test_predict_records_batch_size_and_queue_wait(client, digit_pngs):
     from prometheus_client import REGISTRY
 
