@@ -3,8 +3,8 @@
 Request counters and histograms live in prometheus-client's multiprocess mode when
 PROMETHEUS_MULTIPROC_DIR is set (gunicorn's config sets it under KILN_HOME), so
 every gunicorn worker's samples add up; without it they use the default registry.
-Job counts, queue depth, job durations and worker heartbeats are read at scrape
-time through the Kiln facade (a few small queries), cached for ``SCRAPE_CACHE_S``.
+Job counts, the broker's queue depth, job durations and worker heartbeats are read
+at scrape time through the Kiln facade (a few small queries), cached for ``SCRAPE_CACHE_S``.
 """
 from __future__ import annotations
 
@@ -12,18 +12,19 @@ import logging
 import os
 import threading
 import time
-from datetime import datetime, timezone
 
 from flask import Blueprint, Response, current_app, g, request
 from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram,
                                generate_latest)
 from prometheus_client.core import GaugeHistogramMetricFamily, GaugeMetricFamily
 
+from configs.names import TERMINAL_STATES
+from web.context import kiln
+from worker.clock import parse_iso
+
 log = logging.getLogger(__name__)
 bp = Blueprint("metrics", __name__)
 
-STATES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
-FINISHED = ("succeeded", "failed", "cancelled")
 SCRAPE_CACHE_S = 5.0
 RECENT_JOBS = 200  # durations and heartbeats come from the newest jobs, not the whole table
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 24 * 3600)
@@ -75,53 +76,27 @@ def _record(response):
 
 
 # ------------------------------------------------------------------ scrape-time
-def _parse_time(value) -> float | None:
-    if not value:
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    try:
-        dt = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
-
-
-def _job_counts(kiln) -> dict[str, int]:
-    counts = getattr(kiln, "job_counts", None)
-    if counts is not None:
-        found = counts()
-        return {s: int(found.get(s, 0)) for s in STATES}
-    return {s: int(kiln.list_jobs(status=s, limit=1)["total"]) for s in STATES}
+def _timestamp(text: str | None) -> float | None:
+    at = parse_iso(text)
+    return None if at is None else at.timestamp()
 
 
 def collect_service(kiln) -> list:
-    """Metric families read from the store/broker: jobs by state, queue depth, durations, heartbeats."""
+    """Metric families read through the facade: jobs by state, queue depth, durations, heartbeats."""
     now = time.time()
-    counts = _job_counts(kiln)
     jobs = GaugeMetricFamily("kiln_jobs", "Jobs by state.", labels=["state"])
-    for state, n in counts.items():
+    for state, n in kiln.job_counts().items():
         jobs.add_metric([state], n)
-    depth_fn = getattr(kiln, "queue_depth", None)
-    depth = depth_fn() if depth_fn is not None else counts["queued"]
-    queue = GaugeMetricFamily("kiln_queue_depth", "Jobs waiting for a worker (broker queue length).",
-                              value=float(depth))
-
-    recent = kiln.list_jobs(limit=RECENT_JOBS)["jobs"]
+    families = [jobs]
+    depth = kiln.queue_depth()
+    if depth is not None:  # absent while the broker cannot be read (/ready names it)
+        families.append(GaugeMetricFamily("kiln_queue_depth", "Jobs whose message waits in the broker's queue.",
+                                          value=float(depth)))
     per_kind: dict[str, list[float]] = {}
-    beats: dict[str, float] = {}
-    for job in recent:
-        start, end = _parse_time(job.get("started_at")), _parse_time(job.get("finished_at"))
-        if job.get("status") in FINISHED and start is not None and end is not None:
-            per_kind.setdefault(job.get("kind") or "train", []).append(max(0.0, end - start))
-        # A job's last sign of life from its worker: its heartbeat, else its last progress update.
-        worker = job.get("worker")
-        beat = _parse_time(job.get("heartbeat_at") or job.get("updated_at"))
-        if worker and beat is not None:
-            beats[worker] = max(beats.get(worker, 0.0), beat)
-    heartbeats_fn = getattr(kiln, "worker_heartbeats", None)  # exact: max(heartbeat_at) per worker
-    if heartbeats_fn is not None:
-        beats = {w: t for w, t in ((w, _parse_time(v)) for w, v in heartbeats_fn().items()) if t is not None}
+    for job in kiln.list_jobs(limit=RECENT_JOBS)["jobs"]:
+        start, end = _timestamp(job.get("started_at")), _timestamp(job.get("finished_at"))
+        if job["status"] in TERMINAL_STATES and start is not None and end is not None:
+            per_kind.setdefault(job["kind"], []).append(max(0.0, end - start))
     durations = GaugeHistogramMetricFamily(
         "kiln_job_duration_seconds", f"Run time of the newest {RECENT_JOBS} finished jobs, by kind.",
         labels=["kind"])
@@ -131,9 +106,9 @@ def collect_service(kiln) -> list:
         durations.add_metric([kind], buckets, gsum_value=sum(values))
     heartbeat = GaugeMetricFamily("kiln_worker_heartbeat_age_seconds",
                                   "Seconds since each worker's newest job heartbeat.", labels=["worker"])
-    for worker, beat in sorted(beats.items()):
-        heartbeat.add_metric([worker], max(0.0, now - beat))
-    return [jobs, queue, durations, heartbeat]
+    for worker, beat in sorted(kiln.worker_heartbeats().items()):
+        heartbeat.add_metric([worker], max(0.0, now - beat.timestamp()))
+    return families + [durations, heartbeat]
 
 
 class ServiceCollector:
@@ -150,7 +125,7 @@ class ServiceCollector:
             if time.monotonic() - at > SCRAPE_CACHE_S:
                 up = 1.0
                 try:
-                    families = collect_service(self.app.extensions["kiln"])
+                    families = collect_service(kiln(self.app))
                 except Exception:  # a down store must not take /metrics down with it
                     log.exception("collecting job metrics failed")
                     families, up = [], 0.0

@@ -5,21 +5,20 @@ is down the job simply stays queued and the worker's reconciler sends it later.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import re
 
 import sqlalchemy as sa
 
-from configs import ConfigError, dump_yaml, parse_config, to_dict as config_dict
+from configs import dump_yaml, parse_config, to_dict as config_dict
+from configs.names import TERMINAL_STATES, is_id
 from worker import db
 from worker.errors import InvalidInput, NotFound
 from worker.storage import Storage, clean_path
-from worker.store import JobStore, TERMINAL, to_dict
+from worker.store import JobStore, to_dict
 
 log = logging.getLogger("kiln.service")
-DATASET_ID = re.compile(r"^[0-9a-f]{32}$")
-JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 SERIES_SKIP = {"type", "epoch", "step"}
 
 
@@ -73,7 +72,7 @@ class Kiln:
 
     def _check_dataset(self, cfg) -> None:
         ds = cfg.data.dataset
-        if not DATASET_ID.match(ds):
+        if not is_id(ds):
             return
         with self.engine.connect() as conn:
             found = conn.execute(sa.select(db.datasets.c.id).where(db.datasets.c.id == ds)).first()
@@ -107,14 +106,14 @@ class Kiln:
         return to_dict(self.store.request_cancel(self._job_id(job_id)))
 
     def _job_id(self, job_id: str) -> str:
-        if not isinstance(job_id, str) or not JOB_ID.match(job_id):
+        if not is_id(job_id):
             raise NotFound(f"job {job_id!r} not found; job ids are 32 hex digits")
         return job_id
 
     # -------------------------------------------------------- job outputs
     def read_log(self, job_id: str, offset: int = 0, limit: int = 1 << 20) -> tuple[bytes, int, bool]:
         """train.log from byte ``offset``: (data, next offset, job finished)."""
-        finished = self.get_job(job_id)["status"] in TERMINAL
+        finished = self.get_job(job_id)["status"] in TERMINAL_STATES
         path = f"jobs/{job_id}/train.log"
         if not self.storage.exists(path):
             return b"", offset, finished
@@ -200,6 +199,23 @@ class Kiln:
     def resolve_model(self, ref: str) -> dict:
         return self.registry.resolve_model(ref)
 
+    # -------------------------------------------------------------- metrics
+    def job_counts(self) -> dict[str, int]:
+        """Jobs per state, every state included."""
+        return self.store.counts()
+
+    def queue_depth(self) -> int | None:
+        """Jobs whose message waits in the broker's queue; None when the broker cannot be read."""
+        from worker.reconcile import queued_in_broker
+
+        with self._redis() as client:
+            waiting = queued_in_broker(client)
+        return None if waiting is None else len(waiting)
+
+    def worker_heartbeats(self) -> dict:
+        """Each worker's newest job heartbeat (aware UTC datetimes)."""
+        return self.store.worker_heartbeats()
+
     # --------------------------------------------------------------- health
     def health(self) -> dict:
         """Store, broker (PING) and storage checks: {name: {"ok": bool, "error"?: str}}."""
@@ -211,11 +227,17 @@ class Kiln:
             conn.execute(sa.text("SELECT 1"))
 
     def _check_broker(self) -> None:
+        with self._redis() as client:
+            client.ping()
+
+    @contextlib.contextmanager
+    def _redis(self):
+        """A short-lived redis-py client on the broker that gives up after 2 s."""
         import redis
 
         client = redis.Redis.from_url(self.settings.redis_client_url, socket_timeout=2, socket_connect_timeout=2)
         try:
-            client.ping()
+            yield client
         finally:
             client.close()
 

@@ -11,9 +11,9 @@ from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 
-from configs.names import ACTIVE_STATES as ACTIVE, TERMINAL_STATES as TERMINAL
+from configs.names import ACTIVE_STATES as ACTIVE, JOB_STATES, TERMINAL_STATES as TERMINAL
 from worker import db
-from worker.clock import iso, utcnow
+from worker.clock import as_utc, iso, utcnow
 from worker.errors import Conflict, NotFound
 
 ALLOWED = {  # from -> the states it may move to; terminal states move nowhere
@@ -62,6 +62,19 @@ class JobStore:
             rows = conn.execute(sa.select(J).where(*where).order_by(J.c.created_at.desc(), J.c.id)
                                 .limit(limit).offset(offset)).mappings().all()
         return [dict(r) for r in rows], int(total)
+
+    def counts(self) -> dict[str, int]:
+        """The number of jobs in each state (every state, zeros included)."""
+        with self.engine.connect() as conn:
+            found = dict(conn.execute(sa.select(J.c.status, sa.func.count()).group_by(J.c.status)).all())
+        return {state: int(found.get(state, 0)) for state in JOB_STATES}
+
+    def worker_heartbeats(self) -> dict[str, datetime]:
+        """Each worker's newest heartbeat on any job it ran."""
+        query = (sa.select(J.c.worker, sa.func.max(J.c.heartbeat_at))
+                 .where(J.c.worker.is_not(None), J.c.heartbeat_at.is_not(None)).group_by(J.c.worker))
+        with self.engine.connect() as conn:
+            return {worker: as_utc(at) for worker, at in conn.execute(query).all()}
 
     def events(self, job_id: str) -> list[dict]:
         e = db.job_events

@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from tests.api.conftest import BACKENDS, POSTGRES_URL, _postgres_schema
+from tests.api.conftest import BACKENDS, POSTGRES_URL, _postgres_schema, redis_server  # noqa: F401 (a fixture)
 from tests.conftest import running_app
 
 

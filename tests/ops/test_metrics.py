@@ -1,15 +1,18 @@
 """/metrics: the families exist, parse, and their counts move."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import running_app
 from web import metrics as web_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,17 +35,20 @@ def sample(families, family, name, **labels) -> float:
 
 
 @pytest.fixture
-def client(settings):
+def metrics_settings(settings, redis_server):
+    """A migrated SQLite store and a real Redis (no Celery worker: submitted jobs wait in its queue)."""
     from worker.db import migrate
-    from web import create_app
 
-    migrate(settings)
-    app = create_app(settings)
-    app.config["TESTING"] = True
-    web_metrics.SCRAPE_CACHE_S = 0.0  # see every change at once
-    yield app.test_client()
-    web_metrics.SCRAPE_CACHE_S = 5.0
-    app.extensions["kiln"].close()
+    s = dataclasses.replace(settings, redis_url=redis_server.url)
+    migrate(s)
+    return s
+
+
+@pytest.fixture
+def client(metrics_settings, monkeypatch):
+    monkeypatch.setattr(web_metrics, "SCRAPE_CACHE_S", 0.0)  # see every change at once
+    with running_app(metrics_settings) as app:
+        yield app.test_client()
 
 
 def test_families_parse_and_counts_move(client):
@@ -80,33 +86,49 @@ def test_a_down_store_does_not_break_the_scrape(client, monkeypatch):
     def broken(*a, **k):
         raise RuntimeError("store is down")
 
-    monkeypatch.setattr(kiln, "list_jobs", broken)
-    monkeypatch.setattr(kiln, "job_counts", broken, raising=False)
+    monkeypatch.setattr(kiln, "job_counts", broken)
     families = scrape(client)
     assert sample(families, "kiln_store_up", "kiln_store_up") == 0.0
     assert "kiln_http_requests" in families
 
 
-def test_collect_service_from_job_dicts():
-    """Durations per kind and heartbeat age per worker come from the newest jobs."""
-    class Fake:
-        def job_counts(self):
-            return {"queued": 2, "running": 1}
+def test_service_families_come_from_the_store_and_the_broker(client):
+    """Counts per state, the broker's queue, durations per kind and heartbeat ages, from real rows."""
+    from tests.api.conftest import TRAIN
+    from worker import db
+    from worker.clock import utcnow
 
-        def list_jobs(self, status=None, kind=None, limit=50, offset=0):
-            jobs = [{"kind": "train", "status": "succeeded", "started_at": "2026-01-01T00:00:00Z",
-                     "finished_at": "2026-01-01T00:00:30Z", "worker": "a", "heartbeat_at": "2026-01-01T00:00:29Z"},
-                    {"kind": "train", "status": "running", "started_at": "2026-01-01T00:00:00Z",
-                     "finished_at": None, "worker": "b", "heartbeat_at": "2099-01-01T00:00:00Z"}]
-            return {"jobs": jobs, "total": len(jobs)}
+    kiln = client.application.extensions["kiln"]
+    store, now = kiln.store, utcnow()
+    depth_before = kiln.queue_depth()
+    kiln.submit_job("train", TRAIN)  # stored, then sent: its message waits in Redis (no worker here)
+    ran = store.create("predict", {})
+    assert store.acquire_lease(ran["id"], "o1", 60) and store.start(ran["id"], "o1", "gpu-a")
+    assert store.finish(ran["id"], "o1", "succeeded", "done")
+    running = store.create("train", {})
+    assert store.acquire_lease(running["id"], "o2", 60) and store.start(running["id"], "o2", "gpu-b")
+    with store.engine.begin() as conn:  # a 20 s run whose worker was last heard of an hour ago
+        conn.execute(db.jobs.update().where(db.jobs.c.id == ran["id"]).values(
+            started_at=now - timedelta(seconds=20), finished_at=now, heartbeat_at=now - timedelta(hours=1)))
 
-    fams = {f.name: f for f in web_metrics.collect_service(Fake())}
-    assert {s.labels["state"]: s.value for s in fams["kiln_jobs"].samples}["queued"] == 2
-    assert fams["kiln_queue_depth"].samples[0].value == 2
-    buckets = {s.labels["le"]: s.value for s in fams["kiln_job_duration_seconds"].samples if "le" in s.labels}
+    families = scrape(client)
+    states = {s.labels["state"]: s.value for s in families["kiln_jobs"].samples}
+    assert states == {"queued": 1, "running": 1, "cancelling": 0, "succeeded": 1, "failed": 0, "cancelled": 0}
+    assert sample(families, "kiln_queue_depth", "kiln_queue_depth") == depth_before + 1
+    buckets = {s.labels["le"]: s.value for s in families["kiln_job_duration_seconds"].samples
+               if s.labels.get("kind") == "predict" and "le" in s.labels}
     assert buckets["15"] == 0 and buckets["30"] == 1 and buckets["+Inf"] == 1
-    ages = {s.labels["worker"]: s.value for s in fams["kiln_worker_heartbeat_age_seconds"].samples}
-    assert ages["a"] > 3600 and ages["b"] == 0.0
+    ages = {s.labels["worker"]: s.value for s in families["kiln_worker_heartbeat_age_seconds"].samples}
+    assert set(ages) == {"gpu-a", "gpu-b"}
+    assert 3600 <= ages["gpu-a"] < 3700 and ages["gpu-b"] < 60
+
+
+def test_queue_depth_is_absent_while_the_broker_is_down(metrics_settings, tmp_path, monkeypatch):
+    monkeypatch.setattr(web_metrics, "SCRAPE_CACHE_S", 0.0)
+    down = dataclasses.replace(metrics_settings, redis_url=f"unix://{tmp_path}/no-redis.sock")
+    with running_app(down) as app:
+        families = scrape(app.test_client())
+    assert "kiln_queue_depth" not in families and sample(families, "kiln_store_up", "kiln_store_up") == 1.0
 
 
 SNIPPET = """
