@@ -26,10 +26,17 @@ loglevel = os.environ.get("KILN_LOG_LEVEL", "info")
 # threads collapse throughput on small machines, so nothing here starts a pool of its own.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+_home = os.path.abspath(os.environ.get("KILN_HOME", "var"))
+
+# gunicorn's control socket (gunicornc) defaults to one path per user (~/.gunicorn/gunicorn.ctl):
+# two Kilns on one machine would share it and stopping one would remove the other's. One per home.
+control_socket = os.path.join(_home, "gunicorn.ctl")
+if len(control_socket) >= 100:  # a unix socket path holds 108 bytes
+    control_socket_disable = True
+
 # prometheus-client multiprocess mode: every worker writes its samples here.
 if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
-    home = os.environ.get("KILN_HOME", "var")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(os.path.abspath(home), "prometheus")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(_home, "prometheus")
 
 
 def on_starting(server):

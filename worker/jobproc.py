@@ -9,7 +9,6 @@ time limit strikes. The job process sends its outcome back as one JSON line on a
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -20,8 +19,9 @@ import traceback
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+from worker.procs import die_with_parent
+
 log = logging.getLogger("kiln.worker")
-PR_SET_PDEATHSIG = 1
 
 
 @dataclass
@@ -159,10 +159,7 @@ def _killpg(pgid: int, sig: int) -> None:
 def _become_job_process() -> None:
     """In the fresh fork: own process group, die with the parent, default signals, non-daemon."""
     os.setpgid(0, 0)
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: the parent's killpg still ends the tree
-        pass
+    die_with_parent(signal.SIGKILL)  # elsewhere than Linux the parent's killpg still ends the tree
     if os.getppid() == 1:  # the parent died before the death signal was armed
         os._exit(1)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,

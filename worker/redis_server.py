@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
+
+from worker.procs import die_with_parent
 
 
 def redis_binary() -> str:
@@ -60,8 +63,10 @@ class RedisServer:
             "--dir", str(self.directory), "--appendonly", "yes", "--appendfsync", "everysec",
             "--save", "", "--daemonize", "no", "--logfile", str(self.directory / "redis.log"),
         ]
+        # SIGTERM when its owner dies (even by SIGKILL): Redis then flushes its append-only file and exits
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=lambda: die_with_parent(signal.SIGTERM))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -84,6 +89,20 @@ class RedisServer:
                 return s.recv(16).startswith(b"+PONG")
         except OSError:
             return False
+
+    def shutdown(self) -> None:
+        """Ask whatever server answers on the socket to shut down (one left behind by a dead owner)."""
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(5.0)
+                s.connect(str(self.socket))
+                s.sendall(b"SHUTDOWN\r\n")
+                s.recv(64)  # the server closes the connection as it exits
+        except OSError:
+            pass
+        deadline = time.monotonic() + 10
+        while self.ping() and time.monotonic() < deadline:
+            time.sleep(0.1)
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.proc is None:

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from worker.jobproc import Outcome, run_forked
+from worker.procs import alive
 from worker.runner import Context, Transient, execute
 from worker.storage import Storage
 
@@ -105,7 +106,7 @@ def test_an_ignored_cancel_ends_the_process_group_after_the_grace(ctx, tmp_path)
     row = ctx.store.get(job["id"])
     assert row["status"] == "cancelled"
     for pid in map(int, pids.read_text().split()):
-        assert not _alive(pid), f"process {pid} of the job's group survived"
+        assert not alive(pid), f"process {pid} of the job's group survived"
 
 
 def test_watch_reason_ends_the_tree_and_is_reported():
@@ -122,15 +123,3 @@ def test_watch_reason_ends_the_tree_and_is_reported():
     out = run_forked(body, watch=watch, poll_s=0.05, term_grace_s=1.0)
     assert out.killed == "the job's lease was lost to another worker"
     assert out.status is None and "SIGTERM" in out.died
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is dead too
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
