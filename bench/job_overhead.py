@@ -4,7 +4,7 @@ Prints, in one run:
   1. submit-to-first-step latency with a warm worker (target <= 1 s),
   2. sustained POST /v1/jobs rate (jobs are cancelled right after),
   3. a job's training images/s against `python -m ml.train` on the same config (target >= 0.95).
-Starts its own Redis, Celery worker and gunicorn (tests/integration's LiveService); bounded: ~2 minutes.
+Starts its own Redis, Celery worker and gunicorn (worker.live.LiveService); bounded: ~2 minutes.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.integration.conftest import TINY, LiveService  # noqa: E402
+from worker.live import TINY, LiveService  # noqa: E402
 
 SPEED = {"model": {"name": "small_cnn"}, "data": {"dataset": "digits", "image_size": 32, "num_workers": 0},
          "training": {"epochs": 4, "batch_size": 64, "device": "cpu", "log_every_steps": 10}}

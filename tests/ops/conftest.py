@@ -57,12 +57,12 @@ def scoped(tokens):
 
 @pytest.fixture(scope="session")
 def live_service(tmp_path_factory):
-    """tests/integration's LiveService (real Redis, Celery worker, gunicorn), with auth on.
+    """worker.live's LiveService (real Redis, Celery worker, gunicorn), with auth on.
 
     Shared by the ops modules (CLI, metrics, browser). PROMETHEUS_MULTIPROC_DIR is set
     for its processes, as deploy/gunicorn.conf.py does, so /metrics sums gunicorn workers.
     """
-    from tests.integration.conftest import LiveService
+    from worker.live import LiveService
 
     home = tmp_path_factory.mktemp("live-ops") / "var"
     service = LiveService(home)

@@ -1,0 +1,167 @@
+"""LiveService: one live Kiln in child processes, for the live tests and the benchmarks.
+
+A real Redis, a migrated store, a real Celery worker and the web app under gunicorn,
+each in its own process group, with helpers to kill and restart the worker and Redis.
+Nothing here runs in a production process.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+from configs import Settings
+from worker.db import make_engine, migrate
+from worker.redis_server import RedisServer
+
+ROOT = Path(__file__).resolve().parents[1]  # the directory holding configs/, ml/, worker/, web/
+TINY = {"model": {"name": "small_cnn"},
+        "data": {"dataset": "digits", "image_size": 16, "subset": 300, },
+        "training": {"epochs": 2, "batch_size": 32, "device": "cpu", "log_every_steps": 2}}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveService:
+    """Processes of one live Kiln; helpers to kill and restart the worker and Redis."""
+
+    def __init__(self, home: Path, **overrides):
+        self.home = home
+        self.redis = RedisServer(Path(tempfile.mkdtemp(prefix="kr")))  # short unix socket path
+        self.settings = Settings.for_home(home, redis_url=self.redis.url, auth_enabled=False, heartbeat_s=0.5,
+                                          lease_timeout_s=4.0, reconcile_every_s=1.0, progress_every_s=0.2,
+                                          **overrides)
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.worker: subprocess.Popen | None = None
+        self.web: subprocess.Popen | None = None
+        self.logs = home / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self._worker_runs = 0
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.settings.env())
+        env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", KILN_TORCH_THREADS="1", CUDA_VISIBLE_DEVICES="")
+        env["PYTHONPATH"] = str(ROOT)
+        return env
+
+    def start(self) -> "LiveService":
+        self.redis.start()
+        migrate(self.settings)
+        self.start_worker()
+        self.start_web()
+        return self
+
+    # ---------------------------------------------------------------- worker
+    def start_worker(self, wait: bool = True) -> None:
+        self._worker_runs += 1
+        out = open(self.logs / f"worker-{self._worker_runs}.log", "wb")
+        self.worker = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "worker.celery_main", "worker", "--pool", "prefork",
+             "--concurrency", "1", "--loglevel", "INFO", "-O", "fair",
+             "--hostname", f"kiln{self._worker_runs}@%h"],
+            cwd=ROOT, env=self.env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        if wait:
+            self.wait_for_log(f"worker-{self._worker_runs}.log", "ready", 60)
+
+    def worker_log(self) -> str:
+        return "".join(p.read_text(errors="replace") for p in sorted(self.logs.glob("worker-*.log")))
+
+    def wait_for_log(self, name: str, needle: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if needle in (self.logs / name).read_text(errors="replace"):
+                return
+            if self.worker is not None and self.worker.poll() is not None:
+                raise RuntimeError(f"worker exited: {(self.logs / name).read_text()[-3000:]}")
+            time.sleep(0.1)
+        raise TimeoutError(f"{needle!r} not in {name} after {timeout}s: {(self.logs / name).read_text()[-3000:]}")
+
+    def kill_worker(self) -> None:
+        """SIGKILL the worker's whole process group (parent and children): no shutdown code runs."""
+        if self.worker is not None and self.worker.poll() is None:
+            os.killpg(self.worker.pid, signal.SIGKILL)
+            self.worker.wait()
+
+    def stop_worker(self) -> None:
+        if self.worker is not None and self.worker.poll() is None:
+            os.killpg(self.worker.pid, signal.SIGTERM)
+            try:
+                self.worker.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill_worker()
+
+    # ------------------------------------------------------------------- web
+    def start_web(self) -> None:
+        out = open(self.logs / "web.log", "ab")
+        self.web = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{self.port}", "--workers", "2",
+             "--threads", "4", "--timeout", "60", "web.wsgi:app"],
+            cwd=ROOT, env=self.env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(self.base_url + "/health", timeout=1).ok:
+                    return
+            except requests.ConnectionError:
+                pass
+            if self.web.poll() is not None:
+                raise RuntimeError((self.logs / "web.log").read_text()[-3000:])
+            time.sleep(0.2)
+        raise TimeoutError("gunicorn did not answer /health")
+
+    # ----------------------------------------------------------------- redis
+    def restart_redis(self) -> None:
+        """SIGKILL Redis and start it again on the same dir (the append-only file keeps the queue)."""
+        time.sleep(1.2)  # appendfsync everysec: let the last second reach the file, as a real crash might not
+        self.redis.kill()
+        self.redis.start()
+
+    # ---------------------------------------------------------------- client
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+    def submit(self, config: dict | None = None, kind: str = "train") -> dict:
+        r = requests.post(self.url("/v1/jobs"), json={"kind": kind, "config": config or TINY}, timeout=30)
+        assert r.status_code == 202, r.text
+        return r.json()
+
+    def job(self, job_id: str) -> dict:
+        r = requests.get(self.url(f"/v1/jobs/{job_id}"), timeout=30)
+        r.raise_for_status()
+        return r.json()
+
+    def wait(self, job_id: str, statuses=("succeeded", "failed", "cancelled"), timeout: float = 180) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = self.job(job_id)
+            if job["status"] in statuses:
+                return job
+            time.sleep(0.2)
+        raise TimeoutError(f"job {job_id} still {job['status']} after {timeout}s\n{self.worker_log()[-4000:]}")
+
+    def stop(self) -> None:
+        for proc in (self.web, self.worker):
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+        self.redis.stop()
+        make_engine(self.settings).dispose()
+        shutil.rmtree(self.redis.directory, ignore_errors=True)
