@@ -1,5 +1,6 @@
 # Kiln: `make run` starts the whole service on the embedded default; `make test` runs the suite.
 # Each target creates .venv and installs requirements.txt when missing or changed.
+SHELL := /bin/bash
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,9 +11,13 @@ STAMP := $(VENV)/.installed
 $(STAMP): requirements.txt pyproject.toml
 	@command -v $(PY) >/dev/null || { echo "need $(PY) on PATH"; exit 1; }
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -r requirements.txt
+	@echo "Installing Kiln's Python packages into $(VENV) (PyTorch with CUDA is several GB:"
+	@echo "this takes minutes on a real network, once; later runs start at once)..."
+	set -o pipefail; $(BIN)/pip install --disable-pip-version-check --progress-bar off -r requirements.txt \
+		| { grep -E '^(Collecting|Successfully installed)' || true; }
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
 	@touch $(STAMP)
+	@echo "Installed. Commands: $(BIN)/kiln (CLI), $(BIN)/flask --app web tokens (tokens)."
 
 install: $(STAMP)
 
