@@ -1,4 +1,4 @@
-"""`kiln`: the command-line client. It speaks only HTTP (requests); no flask, no torch.
+"""`kiln`: the command-line client. It speaks only HTTP (requests) and reads configs/; no flask, no torch.
 
 URL and token come from --url/--token, else KILN_URL/KILN_TOKEN, else
 http://127.0.0.1:8000 and the admin token `make run` wrote to var/admin-token.
@@ -18,8 +18,10 @@ from pathlib import Path
 import requests
 import yaml
 
+from configs import ConfigError, apply_overrides
+from configs.names import TERMINAL_STATES
+
 DEFAULT_URL = "http://127.0.0.1:8000"
-FINISHED = ("succeeded", "failed", "cancelled")
 
 
 class CliError(Exception):
@@ -100,20 +102,6 @@ def progress_line(job: dict, width: int = 24) -> str:
             f"acc {fmt_num(latest.get('val_accuracy'))}  ETA {fmt_duration(p.get('eta_s'))}")
 
 
-def set_dotted(config: dict, assignment: str) -> None:
-    """Apply 'training.epochs=3' to a nested dict; the value is parsed as YAML (3 -> int)."""
-    key, sep, raw = assignment.partition("=")
-    if not sep or not key:
-        raise CliError(f"--set {assignment!r}: expected KEY=VALUE, e.g. training.epochs=3")
-    node = config
-    *parents, leaf = key.split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise CliError(f"--set {assignment!r}: {part} is not a section")
-    node[leaf] = yaml.safe_load(raw) if raw else ""
-
-
 # ------------------------------------------------------------------ commands
 def follow_job(c: Client, job_id: str, interval: float = 1.0, out=sys.stdout) -> dict:
     """Poll a job until it finishes, drawing a progress bar (a line per change when not a TTY)."""
@@ -125,7 +113,7 @@ def follow_job(c: Client, job_id: str, interval: float = 1.0, out=sys.stdout) ->
             out.write(("\r" + line + "\033[K") if tty else line + "\n")
             out.flush()
             last = line
-        if job.get("status") in FINISHED:
+        if job.get("status") in TERMINAL_STATES:
             if tty:
                 out.write("\n")
             return job
@@ -148,8 +136,10 @@ def cmd_submit(c: Client, a) -> int:
         config = yaml.safe_load(Path(a.config).read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise CliError(f"cannot read {a.config}: {exc}".splitlines()[0]) from None
-    for assignment in a.set or []:
-        set_dotted(config, assignment)
+    try:
+        config = apply_overrides(config, a.set or [])
+    except ConfigError as exc:
+        raise CliError(f"--set: {exc}; e.g. --set training.epochs=3") from None
     job = c.json("POST", "/v1/jobs", json={"kind": a.kind, "config": config})
     print(f"submitted {job['kind']} job {job['id']} ({job['status']})")
     if not a.follow:
