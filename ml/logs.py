@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ml.files import atomic_write
+
 LOGGER = "kiln.ml"
 
 
@@ -72,7 +74,7 @@ class MetricsLog:
             if row.get("step", 0) > step or (row.get("type") == "epoch" and row.get("epoch", 0) > epoch):
                 continue
             keep.append(line)
-        self.path.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
+        atomic_write(self.path, "".join(x + "\n" for x in keep).encode("utf-8"))
 
     def write(self, row: dict, step: int, tb_prefix: str) -> None:
         self.file.write(json.dumps(row) + "\n")

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from tests.api.conftest import error_of
+from worker.service import Kiln as RealKiln
 
 ROOT = Path(__file__).resolve().parents[2]
 HIDDEN = {"HEAD", "OPTIONS"}
@@ -24,9 +25,31 @@ def test_create_app_imports_no_torch_and_connects_nothing(api_settings):
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
 
 
-def test_factory_config(app, api_settings):
-    assert app.config["MAX_CONTENT_LENGTH"] == api_settings.max_request_bytes
-    assert app.extensions["kiln"] is app.extensions["kiln"]  # built once
+def test_factory_reads_the_environment_once_and_builds_one_facade(tmp_path, monkeypatch):
+    """create_app() with no settings reads the environment at that moment only; every request then
+    sees those settings (through web.context) and the one Kiln facade built from them."""
+    from web import context, create_app
+    from worker import service
+
+    built = []
+    monkeypatch.setattr(service, "Kiln", lambda settings: built.append(settings) or RealKiln(settings))
+    monkeypatch.setenv("KILN_HOME", str(tmp_path / "var"))
+    monkeypatch.setenv("KILN_AUTH_ENABLED", "0")
+    monkeypatch.setenv("KILN_MAX_REQUEST_BYTES", "12345")
+    app = create_app()
+    monkeypatch.setenv("KILN_MAX_REQUEST_BYTES", "99")  # too late: the factory has read it already
+    try:
+        client = app.test_client()
+        for _ in range(3):
+            assert client.get("/health").status_code == 200
+        err = error_of(client.post("/v1/jobs", data=b"x" * 20_000, content_type="application/json"), 413)
+        assert err["code"] == "payload_too_large" and "12345" in err["message"]
+        with app.app_context():
+            assert context.settings().max_request_bytes == 12345 == app.config["MAX_CONTENT_LENGTH"]
+            assert context.kiln().settings is context.settings()
+        assert len(built) == 1 and built[0] is context.settings(app)
+    finally:
+        app.extensions["kiln"].close()
 
 
 def test_health_and_ready(client):

@@ -18,8 +18,15 @@ def job_dir(job, api_settings) -> Path:
     root = Path(api_settings.storage) / "jobs" / job["id"]
     (root / "checkpoints").mkdir(parents=True)
     (root / "train.log").write_bytes(LOG)
-    rows = [{"event": "epoch", "epoch": e, "step": 10 * e, "train_loss": 1.0 / e, "val_loss": 1.1 / e,
-             "val_accuracy": 0.5 + e / 10, "lr": 1e-3, "grad_norm": 0.5} for e in (1, 2)]
+    # rows shaped as ml.train writes them: "step" rows while an epoch runs, an "epoch" row at its end;
+    # epoch 3 is still running, so it has step rows only
+    rows = []
+    for e in (1, 2, 3):
+        rows.append({"type": "step", "epoch": e, "step": 10 * e - 5, "train_loss": 9.0, "lr": 1e-3,
+                     "grad_norm": 3.0, "layer_grad_norms": {"fc": 1.0}})
+        if e < 3:
+            rows.append({"type": "epoch", "epoch": e, "step": 10 * e, "train_loss": 1.0 / e, "val_loss": 1.1 / e,
+                         "val_accuracy": 0.5 + e / 10, "lr": 1e-3, "grad_norm": 0.5, "images_per_s": 100.0})
     (root / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (root / "config.yaml").write_text("model: {name: small_cnn}\n")
     (root / "checkpoints" / "best.pt").write_bytes(bytes(range(256)) * 40)
@@ -67,8 +74,8 @@ def test_metrics(client, job, job_dir):
     resp = client.get(f"/v1/jobs/{job['id']}/metrics")
     assert resp.status_code == 200, resp.get_data(as_text=True)
     body = resp.get_json()
-    assert [row["epoch"] for row in body["epochs"]] == [1, 2]
-    assert body["series"]["train_loss"] == [1.0, 0.5]
+    assert [(row["type"], row["epoch"]) for row in body["epochs"]] == [("epoch", 1), ("epoch", 2)]
+    assert body["series"]["train_loss"] == [1.0, 0.5] and body["series"]["val_accuracy"] == [0.6, 0.7]
 
 
 def test_artifacts_list_and_download(client, job, job_dir):

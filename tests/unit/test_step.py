@@ -134,12 +134,36 @@ def test_order_scale_unscale_clip_step_update_zero_grad():
 
 
 def test_fp16_autocast_with_grad_scaler_on_cpu():
-    model = mlp()
+    """A real fp16 step: the forward runs in half precision, the scaler's factor is taken out before
+    the norm is reported, and the optimizer steps exactly once. A scale of 2**4 cannot overflow here."""
     x, y = data(32)
-    scaler = torch.amp.GradScaler("cpu")
+    ref = mlp()
+    _, r_ref = run_groups(ref, x, y, micro=16, accum=2)                   # fp32 reference
+    model = mlp()
+    dtypes = []
+    model.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
     calls, results = run_groups(model, x, y, micro=16, accum=2, scaler=scaler, amp_dtype=torch.float16)
-    assert results[-1].stepped and results[-1].loss > 0
-    assert len(calls) == (0 if results[-1].skipped else 1)
+    assert dtypes == [torch.float16, torch.float16]                       # autocast really ran
+    assert results[-1].stepped and not results[-1].skipped and len(calls) == 1
+    assert results[-1].grad_norm == pytest.approx(r_ref[-1].grad_norm, rel=2e-2)   # unscaled
+    assert results[-1].loss == pytest.approx(r_ref[-1].loss, rel=2e-2)
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert scaler.get_scale() == 2.0**4                                   # no overflow: scale kept
+
+
+def test_fp16_overflow_skips_the_step_and_lowers_the_scale():
+    """Inf gradients under fp16: no error (the scaler handles it), no optimizer step, weights unchanged."""
+    model = mlp()
+    model.net[4].weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    x, y = data(16)
+    calls, results = run_groups(model, x, y, micro=16, accum=1, scaler=scaler, amp_dtype=torch.float16)
+    assert results[-1].stepped and results[-1].skipped and calls == []
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert scaler.get_scale() == 2.0**3
 
 
 def test_nonfinite_gradient_names_the_parameter():

@@ -166,15 +166,36 @@ def test_queued_unsent_and_mark_enqueued(store):
 
 
 def test_two_stores_one_database_share_the_cas(db_settings):
-    """Two engines (as two processes would have) cannot both start the same job."""
-    import sqlalchemy as sa
+    """Two engines (as two processes would have) cannot both take a lease or both start a job."""
+    import threading
 
     from worker.db import create_engine
 
     a = JobStore.from_settings(db_settings)
     b = JobStore(create_engine(db_settings.db_url))
-    job = a.create("train", {}, max_attempts=3)
-    assert a.acquire_lease(job["id"], "A", 30) and not b.acquire_lease(job["id"], "B", 30)
-    assert not b.start(job["id"], "B", "h") and a.start(job["id"], "A", "h")
-    b.engine.dispose()
-    assert isinstance(a.engine, sa.Engine)
+    try:
+        assert a.engine is not b.engine
+        job = a.create("train", {}, max_attempts=3)
+        assert a.acquire_lease(job["id"], "A", 30) and not b.acquire_lease(job["id"], "B", 30)
+        assert not b.start(job["id"], "B", "h") and a.start(job["id"], "A", "h")
+        row = b.get(job["id"])  # b reads what a wrote
+        assert (row["status"], row["lease_owner"], row["attempts"]) == ("running", "A", 1)
+        assert [e["to"] for e in b.events(job["id"])] == ["queued", "running"]
+
+        # the lease goes stale; both stores race to take it over at the same moment: one wins
+        a.release_lease(job["id"], "A")
+        barrier, won = threading.Barrier(2), {}
+
+        def take(store, owner):
+            barrier.wait()
+            won[owner] = store.acquire_lease(job["id"], owner, 30)
+
+        threads = [threading.Thread(target=take, args=(s, o)) for s, o in ((a, "A2"), (b, "B2"))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert sorted(won.values()) == [False, True]
+        assert a.get(job["id"])["lease_owner"] == next(o for o, ok in won.items() if ok)
+    finally:
+        b.engine.dispose()
