@@ -93,22 +93,37 @@ def predict_dataset(checkpoint: str | Path, config: Mapping, work_dir: str | Pat
     the summary. Returns {"status": "completed"|"stopped", "count", "total", "model", "summary"}.
     Raises ValueError for bad data.
     """
-    from ml.inference import Predictor
-    from ml.runtime import resolve_device
+    from ml.logs import close_log, open_log
 
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    predictor = Predictor.from_checkpoint(checkpoint, device=resolve_device(config.get("device", "auto")))
+    run_log, handlers = open_log(work_dir / "train.log", console=False)
+    try:
+        return _predict(checkpoint, config, work_dir, model, run_log, report, should_stop, dataset_roots)
+    finally:
+        close_log(handlers)
+
+
+def _predict(checkpoint, config: Mapping, work_dir: Path, model: dict, run_log: logging.Logger, report,
+             should_stop, dataset_roots) -> dict:
+    from ml.inference import Predictor
+    from ml.runtime import resolve_device
+
+    device = resolve_device(config.get("device", "auto"))
+    predictor = Predictor.from_checkpoint(checkpoint, device=device)
     samples = list_samples(config.get("data") or {}, dataset_roots)
     out_path = work_dir / "predictions.jsonl"
     done = _done_lines(out_path)
     total, batch_size, top_k = len(samples), int(config.get("batch_size", 256)), int(config.get("top_k", 5))
+    run_log.info("batch inference with %s:%s on %s: %d images, batch size %d, top %d", model.get("name"),
+                 model.get("version"), device, total, batch_size, top_k)
     if done:
-        log.info("resuming batch inference at image %d of %d", done, total)
+        run_log.info("resuming batch inference at image %d of %d", done, total)
     started = time.monotonic()
     with out_path.open("a") as out:
         for start in range(done, total, batch_size):
             if should_stop is not None and should_stop():
+                run_log.info("stop requested after %d of %d images", start, total)
                 return {"status": "stopped", "count": start, "total": total, "model": model, "summary": None}
             chunk = samples[start:start + batch_size]
             results = predictor.predict_batch([s.load() for s in chunk], top_k=top_k, batch_size=batch_size)
@@ -119,16 +134,24 @@ def predict_dataset(checkpoint: str | Path, config: Mapping, work_dir: str | Pat
                 out.write(json.dumps(line) + "\n")
             out.flush()
             count = start + len(chunk)
+            elapsed = time.monotonic() - started
+            rate = (count - done) / elapsed if elapsed > 0 else None
+            run_log.info("%d/%d images (%.0f images/s)", count, total, rate or 0.0)
             if report is not None:
-                elapsed = time.monotonic() - started
-                rate = (count - done) / elapsed if elapsed > 0 else None
                 report({"event": "step", "step": count, "total_steps": total, "percent": 100.0 * count / total,
                         "eta_s": (total - count) / rate if rate else None, "metrics": {"images": count}})
+    elapsed = time.monotonic() - started
     summary = summarize(out_path, predictor.classes, model)
     if summary is not None:
         atomic_write(work_dir / "summary.json", json.dumps(summary, indent=2).encode())
+    metrics = {"images": total, "images_per_s": (total - done) / elapsed if elapsed > 0 else None,
+               **({"accuracy": summary["accuracy"]} if summary else {})}
+    with (work_dir / "metrics.jsonl").open("a") as f:  # one pass: one row, shown like a training epoch
+        f.write(json.dumps({"type": "epoch", "epoch": 1, "step": total, **metrics}) + "\n")
+    run_log.info("completed: %d images in %.1fs%s", total, elapsed,
+                 f"; accuracy {summary['accuracy']:.4f} ({summary['correct']}/{summary['count']})" if summary
+                 else " (unlabelled: no accuracy)")
     if report is not None:
-        metrics = {"images": total, **({"accuracy": summary["accuracy"]} if summary else {})}
         report({"event": "end", "step": total, "total_steps": total, "percent": 100.0, "eta_s": 0.0,
                 "metrics": metrics})
     return {"status": "completed", "count": total, "total": total, "model": model, "summary": summary}

@@ -229,6 +229,8 @@ def to_dict(row: dict) -> dict:
     progress = {k: p.get(k) for k in ("epoch", "epochs", "step", "total_steps", "percent", "eta_s")}
     if progress["percent"] is None:
         progress["percent"] = 100.0 if row["status"] == "succeeded" else 0.0
+    if row["status"] != "running":
+        progress["eta_s"] = None  # only a job that is running has time left
     return {"id": row["id"], "kind": row["kind"], "status": row["status"], "attempts": row["attempts"],
             "max_attempts": row["max_attempts"], "progress": progress,
             "metrics": {"latest": row.get("metrics_latest") or {}, "best": row.get("metrics_best") or {}},
