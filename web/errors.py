@@ -14,15 +14,6 @@ from configs import ConfigError
 from worker.errors import BY_STATUS, KilnError
 
 
-class ApiError(KilnError):
-    """An error whose status is given where it is raised, for statuses worker.errors has no class for
-    (a 500 the model itself caused, say); use those classes for every other status."""
-
-    def __init__(self, status: int, code: str, message: str, details=None):
-        super().__init__(message, details, code=code)
-        self.status = status
-
-
 def error_response(status: int, code: str, message: str, details=None, headers=None):
     """The JSON error body with its status (and extra headers such as Allow)."""
     resp = jsonify({"error": {"code": code, "message": message, "details": details}})
