@@ -18,14 +18,10 @@ bp = Blueprint("openapi", __name__)
 HIDDEN_METHODS = {"HEAD", "OPTIONS"}
 # Facts for views of other blueprints that do not use schemas.doc, keyed by endpoint.
 EXTRA = {
-    "models_api.register": {"body": "ModelRegistration", "responses": {201: "the new model version"}},
-    "models_api.set_alias": {"body": "Alias", "responses": {200: "the model with its aliases"}},
     "predict.predict": {"body_types": ("multipart/form-data", "image/*", "application/json"),
                         "body_schema": {"description": "multipart `image` files, a raw image/* body or "
                                                        '{"instances": [base64 image | pixel array, ...]}'},
-                        "query": {"type": "object", "properties": {
-                            "model": {"type": "string", "description": "name, name:version or name@alias"},
-                            "top_k": {"type": "integer", "minimum": 1, "default": 5}}},
+                        "query": schemas.PREDICT_QUERY,
                         "responses": {200: "model name and version, one prediction per input"}},
 }
 

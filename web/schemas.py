@@ -11,7 +11,7 @@ import re
 from typing import Any, Callable
 
 from configs import PredictConfig, TrainConfig, json_schema, parse_config
-from configs.names import JOB_KINDS, JOB_STATES, NAME_RE
+from configs.names import JOB_KINDS, JOB_STATES, MODEL_REF_RE, NAME_RE
 from worker.errors import BadRequest, InvalidInput
 
 JOB_SUBMISSION = {
@@ -38,6 +38,14 @@ LOG_QUERY = {
         "offset": {"type": "integer", "minimum": 0, "maximum": 2**53, "default": 0,
                    "description": "byte offset to read from"},
         "follow": {"type": "boolean", "default": False, "description": "stream until the job ends"},
+    },
+}
+PREDICT_QUERY = {
+    "type": "object",
+    "properties": {
+        "model": {"type": "string", "pattern": MODEL_REF_RE, "description": "name, name:version or name@alias"},
+        "top_k": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 5,
+                  "description": "probabilities per input (at most the model's classes)"},
     },
 }
 DATASET_UPLOAD = {

@@ -122,3 +122,15 @@ def test_docs_page_lists_every_path(client):
     page = resp.get_data(as_text=True)
     spec = client.get("/openapi.json").get_json()
     assert all(path in page for path in spec["paths"]) and "<script" not in page
+
+
+def test_published_body_schemas_are_the_ones_enforced(client):
+    """What /openapi.json says about a body is what the endpoint checks: the alias version's minimum
+    and the registration's documented answers come from the views themselves."""
+    spec = client.get("/openapi.json").get_json()
+    alias = spec["components"]["schemas"]["Alias"]["properties"]["version"]
+    assert alias["minimum"] == 1
+    err = error_of(client.put("/v1/models/digits/aliases/production", json={"version": 0}), 422)
+    assert err["details"] == [{"field": "version", "message": "must be >= 1, got 0"}]
+    register = spec["paths"]["/v1/models"]["post"]["responses"]
+    assert {"201", "404", "409", "422"} <= set(register)
