@@ -37,12 +37,12 @@ ENDPOINT_SCOPES: dict[str, str] = {
     "datasets.create": "submit",
     "datasets.list_datasets": "read",
     "datasets.get_dataset": "read",
-    # models (serving engineer)
+    # models
     "models_api.register": "admin",
     "models_api.list_models": "read",
     "models_api.get_model": "read",
     "models_api.set_alias": "admin",
-    # predict (serving engineer)
+    # predict
     "predict.predict": "predict",
 }
 METRICS_ENDPOINT = "metrics.metrics"

@@ -19,6 +19,7 @@ from pathlib import Path
 import requests
 
 from configs import Settings
+from configs.names import TERMINAL_STATES
 from worker.db import make_engine, migrate
 from worker.redis_server import RedisServer
 
@@ -144,7 +145,7 @@ class LiveService:
         r.raise_for_status()
         return r.json()
 
-    def wait(self, job_id: str, statuses=("succeeded", "failed", "cancelled"), timeout: float = 180) -> dict:
+    def wait(self, job_id: str, statuses=TERMINAL_STATES, timeout: float = 180) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             job = self.job(job_id)
