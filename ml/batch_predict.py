@@ -1,9 +1,7 @@
 """Batch prediction: a checkpoint over a dataset into predictions.jsonl (and summary.json when labelled).
 
-One line per image (path, label, index, top_k, and true_label when the images sit in
-class folders). Resumable: lines already written are skipped, so a run stopped or killed
-part-way continues where it stopped. Images are listed by ``ml.folders``, the same
-listing training and ``ml.evaluate`` use.
+One line per image (path, label, index, top_k, true_label when in class folders); a run
+stopped or killed part-way resumes after the lines already written.
 """
 from __future__ import annotations
 

@@ -1,9 +1,7 @@
 """Image folders: the one list of image extensions and the one listing of a folder's images.
 
-Training (``dataset: imagefolder`` or an uploaded id), ``ml.evaluate`` on a folder and
-batch prediction all list files here, so they see the same images in the same order;
-dataset uploads accept the same extensions. Hidden files and folders (``.DS_Store``,
-macOS ``._x.png``) are skipped. No torch: the web process checks uploads with it.
+Training, ``ml.evaluate`` and batch prediction list files here, so all three see the same
+images in the same order (hidden files skipped); dataset uploads accept the same extensions.
 """
 from __future__ import annotations
 

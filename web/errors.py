@@ -1,9 +1,7 @@
 """One set of handlers: every error leaves as ``{"error": {"code", "message", "details"}}``.
 
-Whatever raised it: one of worker.errors' classes (Kiln's one error vocabulary), a
-ConfigError (one detail per bad field), a werkzeug HTTPException (404, 405, 413 from
-MAX_CONTENT_LENGTH, ...; its code comes from the same vocabulary) or an unexpected
-exception (500, logged).
+worker.errors' classes, ConfigError (one detail per field), werkzeug's HTTP errors (their
+codes taken from the same vocabulary) and unexpected exceptions (500, logged) alike.
 """
 from __future__ import annotations
 

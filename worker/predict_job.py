@@ -1,9 +1,5 @@
-"""Batch-inference jobs (kind "predict"): a registered model, resolved here, run over a dataset by ml.
-
-The model reference goes through the registry (a worker concern); everything after that,
-the listing, the forward passes, predictions.jsonl and summary.json, is
-``ml.batch_predict.predict_dataset``.
-"""
+"""Batch-inference jobs (kind "predict"): the model reference is resolved through the registry here,
+then ``ml.batch_predict.predict_dataset`` lists the images and writes the predictions."""
 from __future__ import annotations
 
 from pathlib import Path
