@@ -118,3 +118,28 @@ def test_imagefolder_and_uploaded_id_train(folder, tmp_path):
     assert b.classes == ["cat", "dog"] and b.in_channels == 3 and len(b.mean) == 3
     x, _ = b.train[(0, 5)]
     assert x.shape == (3, 16, 16)
+
+
+def test_training_evaluation_and_batch_prediction_see_the_same_images(tmp_path):
+    """One listing (ml.folders): .gif, hidden files and non-images are left out everywhere, and the
+    order training indexes is the order predictions.jsonl is written in."""
+    from ml.batch_predict import folder_samples
+    from ml.data import folder_source
+
+    rng = np.random.default_rng(0)
+    for name in ("b/1.png", "b/0.jpg", "a/x.png", "a/sub/y.png", "a/z.gif", "a/.hidden.png", "a/notes.txt"):
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith("txt"):
+            path.write_text("not an image")
+        else:
+            Image.fromarray(rng.integers(0, 255, (6, 6, 3), dtype=np.uint8)).save(path)
+    samples = folder_samples(tmp_path)
+    assert [(s.path, s.label) for s in samples] == [("a/sub/y.png", "a"), ("a/x.png", "a"),
+                                                     ("b/0.jpg", "b"), ("b/1.png", "b")]
+    source = folder_source(str(tmp_path))
+    assert source.classes == ["a", "b"] and source.labels.tolist() == [0, 0, 1, 1]
+    for i, sample in enumerate(samples):
+        assert np.array_equal(np.asarray(source.load(i)), np.asarray(sample.load()))
+    with pytest.raises(ValueError, match="not among the classes"):
+        folder_source(str(tmp_path), classes=["a"])
