@@ -8,6 +8,7 @@ its own (worker.jobproc) and records the outcome that process reports.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -142,9 +143,14 @@ def _launch(job: dict, ctx: Context, owner: str, lease: Lease, runner: Runner) -
         lease.start()
         return jobproc.run_inline(lambda: run_job(job, ctx, owner, runner, transient, lease))
     watch = Watch(ctx.store, job["id"], lease, ctx.settings.cancel_grace_s)
+
+    def body() -> Outcome:  # in the job process: its own storage client (fsspec's async ones are not fork-safe)
+        from worker.storage import Storage
+
+        return run_job(job, dataclasses.replace(ctx, storage=Storage(ctx.settings.storage)), owner, runner, transient)
+
     # fork before the heartbeat thread starts: a fork must not copy a thread holding a lock
-    return jobproc.run_forked(lambda: run_job(job, ctx, owner, runner, transient), watch=watch,
-                              on_started=lease.start)
+    return jobproc.run_forked(body, watch=watch, on_started=lease.start)
 
 
 class Watch:
