@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import shutil
 import time
 from pathlib import Path
 from typing import Callable
 
+from configs.names import is_id
 from worker.jobproc import Outcome, classify
 
 log = logging.getLogger("kiln.worker")
-DATASET_ID = re.compile(r"^[0-9a-f]{32}$")
 PROGRESS_KEYS = ("epoch", "epochs", "step", "total_steps", "percent", "eta_s")
 
 # ------------------------------------------------------------------ logging: job id on every record
@@ -78,7 +77,7 @@ def remove_scratch(ctx, job_id: str) -> None:
 def resolve_datasets(ctx, config: dict) -> dict[str, str]:
     """Uploaded dataset ids in the config -> local folders (downloaded into the cache when remote)."""
     ds = (config.get("data") or {}).get("dataset")
-    if not isinstance(ds, str) or not DATASET_ID.match(ds):
+    if not isinstance(ds, str) or not is_id(ds):
         return {}
     prefix = f"datasets/{ds}"
     local = ctx.storage.local_path(prefix)

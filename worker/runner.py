@@ -215,7 +215,7 @@ def run_train(run: JobRun) -> str:
 
 
 def run_predict(run: JobRun) -> str:
-    """kind=predict: the serving engineer's batch inference (worker.predict_job) over a registered model."""
+    """kind=predict: batch inference of a registered model over a dataset (worker.predict_job)."""
     from worker.predict_job import run_predict as predict
     from worker.registry import Registry
 

@@ -45,9 +45,14 @@ def parse_scopes(value) -> list[str]:
     return list(dict.fromkeys(items))
 
 
+# What a scope brings with it: admin may do everything; a submitter may follow what it submitted
+# (status, logs, metrics, artifacts), so submit implies read.
+IMPLIED = {"submit": ("read",)}
+
+
 def allows(scopes, needed: str) -> bool:
-    """Whether a token with these scopes may do what needs ``needed`` (admin implies all)."""
-    return "admin" in scopes or needed in scopes
+    """Whether a token with these scopes may do what needs ``needed`` (admin implies all, submit read)."""
+    return "admin" in scopes or needed in scopes or any(needed in IMPLIED.get(s, ()) for s in scopes)
 
 
 class TokenStore:

@@ -157,3 +157,15 @@ def test_multi_scope_tokens(tokens, auth_client, scopes):
     assert auth_client.get("/v1/jobs", headers=headers).status_code == 200
     assert auth_client.post("/v1/jobs", json={}, headers=headers).status_code == 422
     assert (auth_client.post("/predict", json={}, headers=headers).status_code == 403) is ("admin" not in scopes)
+
+
+def test_a_submit_token_reads_what_it_submits_and_nothing_more(auth_app, scoped):
+    """submit implies read (a submitter follows its jobs); it does not bring predict or admin."""
+    client = auth_app.test_client()
+    for method, url, endpoint in api_routes(auth_app):
+        needed = ENDPOINT_SCOPES[endpoint]
+        resp = call(client, method, url, scoped["submit"])
+        if needed in ("read", "submit"):
+            assert resp.status_code not in (401, 403), (method, url, resp.get_data(as_text=True))
+        else:
+            assert_error(resp, 403, "forbidden")
