@@ -79,27 +79,24 @@ class RedisServer:
         self.stop()
         raise RuntimeError(f"redis-server did not answer on {self.socket} within {timeout}s")
 
-    def ping(self) -> bool:
-        """True when a server answers PING on the socket."""
+    def _command(self, command: bytes, timeout: float) -> bytes:
+        """Send one inline command on the socket; the first bytes of the answer (b"" when none came)."""
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.settimeout(1.0)
+                s.settimeout(timeout)
                 s.connect(str(self.socket))
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
+                s.sendall(command + b"\r\n")
+                return s.recv(64)
         except OSError:
-            return False
+            return b""
+
+    def ping(self) -> bool:
+        """True when a server answers PING on the socket."""
+        return self._command(b"PING", 1.0).startswith(b"+PONG")
 
     def shutdown(self) -> None:
         """Ask whatever server answers on the socket to shut down (one left behind by a dead owner)."""
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.settimeout(5.0)
-                s.connect(str(self.socket))
-                s.sendall(b"SHUTDOWN\r\n")
-                s.recv(64)  # the server closes the connection as it exits
-        except OSError:
-            pass
+        self._command(b"SHUTDOWN", 5.0)  # the server closes the connection as it exits
         deadline = time.monotonic() + 10
         while self.ping() and time.monotonic() < deadline:
             time.sleep(0.1)
