@@ -1,0 +1,1 @@
+"""Alembic migrations of the job store (frozen snapshots: they never import the live tables)."""
