@@ -1,4 +1,4 @@
-"""Kiln configuration: the job-config schema (dataclasses) and service settings.
+"""Kiln configuration: the job-config schema (Pydantic dataclasses) and service settings.
 
 Nothing here imports torch, flask or celery, so every layer can use it cheaply.
 """

@@ -1,7 +1,9 @@
 """The names every layer shares: id and name patterns, job kinds and job states.
 
 Patterns are plain strings in the dialect JSON Schema and Python's ``re`` both accept
-(no named groups), so the same text validates requests and appears in /openapi.json.
+(no named groups), so the same text validates requests and appears in /openapi.json. In
+Python, match them with ``re.fullmatch``: ``re.search``'s ``$`` also matches before a
+trailing newline, so a name with a newline at its end would pass.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ NAME_RE = rf"^{NAME}$"
 TOKEN_NAME_RE = rf"^{TOKEN_NAME}$"
 # A model reference for predict jobs and /predict: name, name:version or name@alias.
 MODEL_REF_RE = rf"^{NAME}((:{VERSION})|(@{NAME}))?$"
+# A torch device a job may ask for: cuda's index is bounded (a host has at most 64 GPUs here).
+DEVICE_RE = r"^(auto|cpu|mps|cuda(:([0-9]|[1-5][0-9]|6[0-3]))?)$"
 
 JOB_KINDS = ("train", "predict")
 JOB_STATES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
