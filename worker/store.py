@@ -3,6 +3,14 @@
 Each transition is one conditional UPDATE (``WHERE status = <expected>``) so two
 processes can never both win it, and each writes a job_events row with its reason.
 A lease (owner, heartbeat, expiry) is taken atomically before a job runs.
+
+A cancel racing the end of a run ends one way: the run's outcome. If the run finished
+first, the cancel answers 409 (already succeeded/failed). If the cancel came first
+(``cancelling``), the worker's ``finish`` still records what the run did: a run that
+completed ends ``succeeded`` with its artifacts (its event says a cancel was pending),
+a run that stopped for the cancel ends ``cancelled``. A lease holder whose
+compare-and-set loses to a cancel re-reads the row and tries again; only losing the
+lease makes it give up, so a finished job is never left to the reconciler's "worker lost".
 """
 from __future__ import annotations
 
@@ -88,15 +96,20 @@ class JobStore:
                                                    reason=reason[:4000], at=now))
 
     # ----------------------------------------------------------- transitions
-    def transition(self, job_id: str, to: str, reason: str, *, expect: tuple[str, ...] | None = None,
+    def transition(self, job_id: str, to: str, reason, *, expect: tuple[str, ...] | None = None,
                    owner: str | None = None, where: tuple = (), **values) -> bool:
         """Move the job to ``to`` if its status allows it (and is in ``expect``, and ``owner`` holds
-        the lease); a compare-and-set on the status, recorded in job_events. False if it lost."""
-        for _ in range(5):
+        the lease); a compare-and-set on the status, recorded in job_events. False if it lost.
+
+        ``reason`` is the event's text, or a function of the status being left that returns it.
+        """
+        for _ in range(10):
             row = self.get(job_id)
             current = row["status"]
             if to not in ALLOWED.get(current, ()) or (expect is not None and current not in expect):
                 return False
+            if owner is not None and row["lease_owner"] != owner:
+                return False  # lost the lease: someone else decides this job's fate now
             now = utcnow()
             values_now = {"updated_at": now, **values}
             if to in TERMINAL:
@@ -109,10 +122,9 @@ class JobStore:
                 # The UPDATE comes first so SQLite takes its write lock at once (no read->write upgrade).
                 won = conn.execute(J.update().where(*cond).values(status=to, **values_now)).rowcount == 1
                 if won:
-                    self._event(conn, job_id, current, to, reason, now)
+                    self._event(conn, job_id, current, to, reason(current) if callable(reason) else reason, now)
                     return True
-            if owner is not None:
-                return False  # lost the lease: someone else decides this job's fate now
+            # the status moved under us (a cancel request, most often): read it again and decide anew
         return False
 
     def start(self, job_id: str, owner: str, worker: str) -> bool:
@@ -123,7 +135,13 @@ class JobStore:
                                error=None, started_at=sa.func.coalesce(J.c.started_at, utcnow()))
 
     def finish(self, job_id: str, owner: str, status: str, reason: str, error: str | None = None) -> bool:
-        return self.transition(job_id, status, reason, owner=owner, error=error, cancel_requested=False)
+        """Record the run's outcome (succeeded, failed, cancelled) for the lease holder; it wins over a
+        cancel requested meanwhile (see the module docstring). False only when the lease was lost."""
+        def why(current: str) -> str:
+            if current == "cancelling" and status != "cancelled":
+                return f"{reason} (a cancel was requested as the run ended; the run's outcome stands)"
+            return reason
+        return self.transition(job_id, status, why, owner=owner, error=error, cancel_requested=False)
 
     def requeue_lost(self, job_id: str, reason: str, *, owner: str | None = None) -> str | None:
         """A running job lost its worker: queued again (attempts count the runs), failed after

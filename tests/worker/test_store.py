@@ -199,3 +199,78 @@ def test_two_stores_one_database_share_the_cas(db_settings):
         assert a.get(job["id"])["lease_owner"] == next(o for o, ok in won.items() if ok)
     finally:
         b.engine.dispose()
+
+
+def _race_once(store, outcome: str):
+    """A running job; one thread requests a cancel while the lease holder records ``outcome``."""
+    job = new(store)
+    assert store.acquire_lease(job["id"], "w", 30) and store.start(job["id"], "w", "host")
+    barrier, answers = threading.Barrier(2), {}
+
+    def cancel():
+        barrier.wait()
+        try:
+            answers["cancel"] = store.request_cancel(job["id"])["status"]
+        except Conflict:
+            answers["cancel"] = "conflict"
+
+    def finish():
+        barrier.wait()
+        answers["finish"] = store.finish(job["id"], "w", outcome, f"{outcome} after 8 steps")
+
+    threads = [threading.Thread(target=cancel), threading.Thread(target=finish)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return job["id"], answers
+
+
+@pytest.mark.parametrize("outcome", ["succeeded", "failed"])
+def test_cancel_racing_finish_ends_in_the_runs_outcome(store, outcome):
+    """Whichever reaches the store first, the job ends in what the run did (never 'worker lost'):
+    a cancel that came first is overtaken by the finish, one that came last answers 409."""
+    seen = set()
+    for _ in range(40):
+        job_id, answers = _race_once(store, outcome)
+        row = store.get(job_id)
+        assert answers["finish"] is True, answers
+        assert row["status"] == outcome and row["lease_owner"] is None and not row["cancel_requested"]
+        assert answers["cancel"] in ("cancelling", "conflict"), answers
+        seen.add(answers["cancel"])
+        path = [(e["from"], e["to"]) for e in store.events(job_id)]
+        if answers["cancel"] == "cancelling":
+            assert path[-2:] == [("running", "cancelling"), ("cancelling", outcome)]
+            assert "cancel was requested" in store.events(job_id)[-1]["reason"]
+        else:
+            assert path[-1] == ("running", outcome)
+        # nothing is left for the reconciler to call lost
+        assert job_id not in store.stale_active(now=utcnow() + timedelta(hours=1))
+        assert store.requeue_lost(job_id, "worker lost") is None
+    assert seen  # the orderings met (both appear over a few runs on most machines)
+
+
+def test_finish_after_a_cancel_request_keeps_the_outcome(store):
+    """The deterministic ordering of the race: cancel first, then the run's own finish."""
+    job = new(store)
+    store.acquire_lease(job["id"], "w", 30)
+    store.start(job["id"], "w", "host")
+    assert store.request_cancel(job["id"])["status"] == "cancelling"
+    assert store.finish(job["id"], "w", "succeeded", "completed")
+    assert store.get(job["id"])["status"] == "succeeded"
+    with pytest.raises(Conflict):
+        store.request_cancel(job["id"])
+    # a worker that stopped for the cancel ends cancelled, as before
+    job = new(store)
+    store.acquire_lease(job["id"], "w", 30)
+    store.start(job["id"], "w", "host")
+    store.request_cancel(job["id"])
+    assert store.finish(job["id"], "w", "cancelled", "cancelled at step 3")
+    assert store.get(job["id"])["status"] == "cancelled"
+    # a holder that lost its lease decides nothing
+    job = new(store)
+    store.acquire_lease(job["id"], "w", 30)
+    store.start(job["id"], "w", "host")
+    store.release_lease(job["id"], "w")
+    assert not store.finish(job["id"], "w", "succeeded", "late")
+    assert store.get(job["id"])["status"] == "running"
