@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from configs.paths import split_roots
+
 
 def _bool(v: str) -> bool:
     return v.strip().lower() in ("1", "true", "yes", "on")
@@ -28,6 +30,9 @@ class Settings:
     storage_url: str = ""
     # local scratch space for workers (datasets unpacked, remote-storage runs)
     cache_dir: str = ""
+    # folders (os.pathsep-separated) a job config may name in data.root or model.weights;
+    # empty = none: jobs read uploaded datasets and registered models only
+    data_roots: str = ""
 
     # HTTP limits
     max_request_bytes: int = 256 * 1024 * 1024
@@ -115,6 +120,11 @@ class Settings:
 
         digest = hashlib.sha256(str(self.home_path).encode()).hexdigest()[:16]
         return str(Path(tempfile.gettempdir()) / f"kiln-forward-{digest}.sock")
+
+    @property
+    def data_root_paths(self) -> tuple[str, ...]:
+        """The real paths of ``data_roots``, the folders a job config may name."""
+        return split_roots(self.data_roots)
 
     @property
     def cache_path(self) -> Path:

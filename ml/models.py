@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 
 import torch
 from torch import nn
@@ -137,15 +138,26 @@ def _wrap_forward(block: nn.Module) -> None:
 
 
 def load_initial_weights(model: nn.Module, path: str) -> None:
-    """Load a local state_dict (or Kiln checkpoint) with weights_only=True; mismatched shapes are skipped."""
+    """Load a local state_dict (or Kiln checkpoint) with weights_only=True; mismatched shapes are skipped.
+
+    Errors name the path and never quote the file: what torch.load says about a file that is not a
+    state_dict can hold its bytes.
+    """
+    if not os.path.exists(path):
+        raise ValueError(f"model.weights: {path} does not exist; give a local state_dict file")
+    if not os.path.isfile(path):  # a FIFO or a device would block or stream forever
+        raise ValueError(f"model.weights: {path} is not a regular file; give a local state_dict file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ValueError(f"model.weights: {path} does not exist; give a local state_dict file") from None
+    except Exception:
+        raise ValueError(f"model.weights: {path} is not a state_dict saved with torch.save") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
+    if not isinstance(state, dict):
+        raise ValueError(f"model.weights: {path} does not hold a state_dict (a mapping of names to tensors)")
     own = model.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    usable = {k: v for k, v in state.items()
+              if isinstance(v, torch.Tensor) and k in own and own[k].shape == v.shape}
     if not usable:
         raise ValueError(f"model.weights: no tensor in {path} matches the model; is it for another architecture?")
     skipped = sorted(set(own) - set(usable))

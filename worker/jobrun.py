@@ -1,6 +1,7 @@
 """What runs inside a job process: the job's directory (local storage, or scratch synced to remote
-storage), its datasets, progress at a bounded rate, cached cancel checks, log records tagged with
-the job id, and ``run_job``, which runs one runner and returns its Outcome."""
+storage), its datasets, its local paths (checked against the data roots), progress at a bounded
+rate, cached cancel checks, log records tagged with the job id, and ``run_job``, which runs one
+runner and returns its Outcome."""
 from __future__ import annotations
 
 import contextlib
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from configs.names import is_id
+from configs.paths import check_paths, with_paths
 from worker.jobproc import Outcome, classify
 
 log = logging.getLogger("kiln.worker")
@@ -74,6 +76,16 @@ def remove_scratch(ctx, job_id: str) -> None:
         shutil.rmtree(scratch_dir(ctx, job_id), ignore_errors=True)
 
 
+def resolve_paths(ctx, job: dict) -> dict:
+    """The job with its config's local paths (data.root, model.weights) replaced by their real paths.
+
+    Checked against this worker's data roots before anything opens them; a path outside them is a
+    ConfigError, a ValueError (the job fails with a message naming the field, nothing read from disk).
+    """
+    resolved = check_paths(job["kind"], job["config"], ctx.settings.data_root_paths)
+    return {**job, "config": with_paths(job["config"], resolved)} if resolved else job
+
+
 def resolve_datasets(ctx, config: dict) -> dict[str, str]:
     """Uploaded dataset ids in the config -> local folders (downloaded into the cache when remote)."""
     ds = (config.get("data") or {}).get("dataset")
@@ -105,6 +117,7 @@ def run_job(job: dict, ctx, owner: str, runner: Callable[["JobRun"], str], trans
     with job_id_logging(job["id"]):
         try:
             run.work_dir = work_dir_for(ctx, job["id"])
+            run.job = resolve_paths(ctx, job)
             run.dataset_roots = resolve_datasets(ctx, job["config"])
             outcome = Outcome(status=runner(run))
             run.flush(final=True)

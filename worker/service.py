@@ -12,7 +12,8 @@ import logging
 import sqlalchemy as sa
 
 from configs import dump_yaml, parse_config, to_dict as config_dict
-from configs.names import TERMINAL_STATES, is_id
+from configs.names import TERMINAL_STATES, is_id, parse_model_ref
+from configs.paths import check_paths
 from worker import db
 from worker.errors import InvalidInput, NotFound
 from worker.storage import Storage, clean_path
@@ -63,8 +64,11 @@ class Kiln:
     def submit_job(self, kind: str, config: dict) -> dict:
         """Validate, store (queued) and enqueue a job; ConfigError/InvalidInput for bad input."""
         cfg = parse_config(config, kind)
-        self._check_dataset(cfg)
         plain = config_dict(cfg)
+        check_paths(kind, plain, self.settings.data_root_paths)
+        self._check_dataset(cfg)
+        if kind == "predict":
+            self._check_model(cfg.model)
         job = self.store.create(kind, plain, max_attempts=self.settings.max_attempts)
         self.storage.write_bytes(f"jobs/{job['id']}/config.yaml", dump_yaml(cfg).encode())
         self._send(job)
@@ -79,6 +83,23 @@ class Kiln:
         if found is None:
             raise InvalidInput(f"dataset {ds} does not exist; upload one with POST /v1/datasets",
                                [{"field": "data.dataset", "message": f"no uploaded dataset with id {ds}"}])
+
+    def _check_model(self, ref: str) -> None:
+        """InvalidInput naming ``model`` unless the registry has that model, version or alias."""
+        name, version, alias = parse_model_ref(ref)
+        try:
+            model = self.registry.get_model(name)
+        except NotFound:
+            model = None
+        if model is None:
+            problem = f"no model named {name!r}; register one with POST /v1/models"
+        elif version is not None and version not in {v["version"] for v in model["versions"]}:
+            problem = f"model {name!r} has no version {version}"
+        elif alias is not None and alias not in model["aliases"]:
+            problem = f"model {name!r} has no alias {alias!r}"
+        else:
+            return
+        raise InvalidInput(f"model {ref!r} does not exist: {problem}", [{"field": "model", "message": problem}])
 
     def _send(self, job: dict) -> None:
         from worker.protocol import send_job

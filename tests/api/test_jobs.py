@@ -1,7 +1,9 @@
 """/v1/jobs over the Flask test client: submission, validation, listing, cancel."""
 from __future__ import annotations
 
+import hashlib
 import io
+from pathlib import Path
 
 import pytest
 import yaml
@@ -31,11 +33,85 @@ def test_submit_yaml_full_document_and_bare_config(client, content_type):
     assert bare.get_json()["config"]["training"]["epochs"] == 1
 
 
-def test_submit_predict_job(client):
+def stub_build(src, out, *, name, job_id, checkpoint):
+    """The registry's build step without torch: placeholder files and the card fields the registry keeps."""
+    for file in ("model.pt", "model.safetensors"):
+        Path(out, file).write_bytes(b"stub")
+    return {"name": name, "classes": ["0", "1"], "normalization": {"mean": [0.5], "std": [0.5]}, "config": {},
+            "metrics": {}, "best": {}, "source": {"job_id": job_id, "checkpoint": checkpoint},
+            "sha256": hashlib.sha256(b"stub").hexdigest(), "files": ["model.pt", "model.safetensors", "card.json"]}
+
+
+@pytest.fixture
+def digits_model(kiln, tmp_path):
+    """A registered model "digits" with version 1 (alias production) and version 2."""
+    ckpt = tmp_path / "best.pt"
+    ckpt.write_bytes(b"stub")
+    for _ in range(2):
+        kiln.registry.register_checkpoint("digits", ckpt, build=stub_build)
+    kiln.registry.set_alias("digits", "production", 1)
+    return "digits"
+
+
+@pytest.mark.parametrize("ref", ["digits@production", "digits", "digits:2", "digits:1"])
+def test_submit_predict_job(client, digits_model, ref):
     resp = client.post("/v1/jobs", json={"kind": "predict", "config": {
-        "model": "digits@production", "data": {"dataset": "digits", "subset": 8}}})
+        "model": ref, "data": {"dataset": "digits", "subset": 8}}})
     assert resp.status_code == 202, resp.get_data(as_text=True)
-    assert resp.get_json()["kind"] == "predict"
+    assert resp.get_json()["kind"] == "predict" and resp.get_json()["config"]["model"] == ref
+
+
+@pytest.mark.parametrize("ref, words", [
+    ("nothing", "no model named 'nothing'"), ("nothing@production", "no model named 'nothing'"),
+    ("nothing:1", "no model named 'nothing'"), ("digits:3", "no version 3"), ("digits:999999999", "no version"),
+    ("digits@staging", "no alias 'staging'"), ("Digits", "no model named 'Digits'"),
+])
+def test_predict_job_naming_a_missing_model_version_or_alias_is_422(client, digits_model, ref, words):
+    err = error_of(client.post("/v1/jobs", json={"kind": "predict", "config": {
+        "model": ref, "data": {"dataset": "digits"}}}), 422)
+    assert [d["field"] for d in err["details"]] == ["model"] and words in err["details"][0]["message"]
+    assert client.get("/v1/jobs?kind=predict").get_json()["total"] == 0  # nothing was queued
+
+
+def test_predict_job_with_an_empty_registry_is_422(client):
+    err = error_of(client.post("/v1/jobs", json={"kind": "predict", "config": {
+        "model": "digits@production", "data": {"dataset": "digits", "subset": 8}}}), 422)
+    assert [d["field"] for d in err["details"]] == ["model"]
+
+
+HUGE = "9" * 400
+
+
+@pytest.mark.parametrize("body, field", [
+    ('{"kind": "train", "config": {"training": {"lr": %s}}}' % HUGE, "training.lr"),
+    ('{"kind": "train", "config": {"training": {"grad_clip": -%s}}}' % HUGE, "training.grad_clip"),
+    ('{"kind": "train", "config": {"model": {"dropout": %s.5}}}' % HUGE, "model.dropout"),
+    ('{"kind": "train", "config": {"data": {"val_split": 1e400}}}', "data.val_split"),
+    ('{"kind": "train", "config": {"model": {"num_classes": 1000000000}}}', "model.num_classes"),
+    ('{"kind": "train", "config": {"training": {"device": "cuda:99999"}}}', "training.device"),
+    ('{"kind": "train", "config": {"training": {"checkpoint_every": %s}}}' % HUGE, "training.checkpoint_every"),
+    ('{"kind": "train", "config": {"data": {"dataset": "%s\\n"}}}' % ("0" * 32), "data.dataset"),
+    ('{"kind": "predict", "config": {"model": "digits\\n", "data": {"dataset": "digits"}}}', "model"),
+    ('{"kind": "predict", "config": {"model": "digits", "data": {"dataset": "digits"}, "device": "cuda:64"}}',
+     "device"),
+    ('{"kind": "predict", "config": {"model": "digits", "data": {"dataset": "digits", "subset": %s}}}' % HUGE,
+     "data.subset"),
+])
+def test_hostile_numbers_and_names_in_a_config_are_422_field_errors(client, body, field):
+    err = error_of(client.post("/v1/jobs", data=body, content_type="application/json"), 422)
+    assert [d["field"] for d in err["details"]] == [field]
+    assert HUGE not in err["message"] and all(len(d["message"]) < 300 for d in err["details"])
+
+
+@pytest.mark.parametrize("text, field", [
+    ("training: {lr: .nan}", "training.lr"), ("training: {lr: .inf}", "training.lr"),
+    ("training: {grad_clip: -.inf}", "training.grad_clip"), ("training: {epochs: 3.0}", "training.epochs"),
+    ("training: {warmup_epochs: 1000000000}", "training.warmup_epochs"),
+    ("model: {num_classes: %s}" % HUGE, "model.num_classes"),
+])
+def test_hostile_yaml_values_are_422_field_errors(client, text, field):
+    err = error_of(client.post("/v1/jobs", data=text, content_type="application/yaml"), 422)
+    assert [d["field"] for d in err["details"]] == [field]
 
 
 def test_config_with_several_errors_names_each_field(client):
