@@ -51,13 +51,17 @@ def short(value: Any) -> str:
             return repr(value)
         return f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits"
     if isinstance(value, str):
-        text = value if len(value) <= 60 else value[:57] + "..."
-        return repr(text.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace"))
+        return repr(_printable(value if len(value) <= 60 else value[:57] + "..."))
     return type(value).__name__
 
 
+def _printable(text: str) -> str:
+    """``text`` with lone surrogates (valid in JSON, not in UTF-8) as backslash escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _key(item: Any) -> str:
-    text = item if isinstance(item, str) else short(item)
+    text = _printable(item) if isinstance(item, str) else short(item)
     return text if len(text) <= 80 else text[:77] + "..."
 
 

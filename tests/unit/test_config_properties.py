@@ -12,7 +12,9 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from configs import ConfigError, PredictConfig, TrainConfig, apply_overrides, dump_yaml, json_schema, parse_config, to_dict
+from configs import (
+    ConfigError, PredictConfig, TrainConfig, apply_overrides, dump_yaml, json_schema, parse_config, to_dict,
+)
 
 CHECK = settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 KINDS = {"train": TrainConfig, "predict": PredictConfig}
@@ -23,15 +25,16 @@ KINDS = {"train": TrainConfig, "predict": PredictConfig}
 # JSON Schema's own regex dialect (ECMA 262) and the validator do not.
 huge_ints = st.sampled_from([10**400, -(10**400), 2**63, 2**64 + 1, 10**18])
 json_text = st.text(max_size=12).filter(lambda s: not s.endswith("\n"))
+any_text = st.text(st.characters(codec=None), max_size=12)  # lone surrogates included, as JSON allows
 json_scalars = (st.none() | st.booleans() | st.integers() | huge_ints | json_text
                 | st.floats(allow_nan=False, allow_infinity=False).filter(lambda x: not x.is_integer()))
 json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=3)
                            | st.dictionaries(json_text, inner, max_size=3), max_leaves=8)
 # What PyYAML adds: NaN and infinities, bytes (!!binary), dates, sets, tuples (!!pairs), integral floats.
 yaml_scalars = (json_scalars | st.floats() | st.binary(max_size=8) | st.dates() | st.datetimes()
-                | st.text(max_size=12) | st.frozensets(st.integers(), max_size=2))
+                | any_text | st.frozensets(st.integers(), max_size=2))
 yaml_values = st.recursive(yaml_scalars, lambda inner: st.lists(inner, max_size=3)
-                           | st.tuples(inner, inner) | st.dictionaries(json_text, inner, max_size=3)
+                           | st.tuples(inner, inner) | st.dictionaries(any_text, inner, max_size=3)
                            | st.dictionaries(st.integers() | st.none() | st.booleans(), inner, max_size=2),
                            max_leaves=8)
 
@@ -74,7 +77,8 @@ def check_outcome(data, kind: str):
         for e in exc.errors:
             assert isinstance(e.field, str) and e.field and len(e.field) <= 300
             assert isinstance(e.message, str) and e.message and len(e.message) <= 2000
-        json.dumps([e.to_dict() for e in exc.errors])
+            (e.field + e.message).encode("utf-8")  # no lone surrogates: logs and bodies can carry it
+        json.dumps([e.to_dict() for e in exc.errors], ensure_ascii=False).encode("utf-8")
         str(exc)
         return None
     assert isinstance(cfg, KINDS[kind])

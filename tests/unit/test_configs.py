@@ -177,6 +177,9 @@ def test_processes_defaults_to_one_and_takes_auto():
     ({"training": {"scheduler": "onecycle", "warmup_epochs": 2}}, "training.warmup_epochs", "onecycle"),
     ({1: {}}, "1", "keys must be strings"),
     ({"training": {"lr": "\ud800"}}, "training.lr", "number"),
+    ({"model": {"\ud800x": 1}}, "model", "Unicode"),             # a key with a lone surrogate
+    ({"training": {"optimizer": "rmsprop\ud800"}}, "training.optimizer", "Unicode"),
+    ({"training": {"optimizer": "évian"}}, "training.optimizer", "'évian'"),
     ({"model": {"dropout": 0.5, "x" * 10_000: 1}}, "model." + "x" * 77 + "...", "unknown key"),
 ])
 def test_odd_values_name_their_field(data, field, words):
