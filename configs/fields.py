@@ -39,7 +39,8 @@ def _model_name(value: str) -> str:
 
 # a name from the fixed registry (direct construction, e.g. ModelConfig(name=...), says "unknown model")
 ModelName = Annotated[str, Strict(), Field(json_schema_extra={"enum": list(MODEL_NAMES)}), AfterValidator(_model_name)]
-# a built-in dataset, or an uploaded one's id (the pattern is anchored and matched in full)
+# a built-in dataset, or an uploaded one's id. Pydantic matches patterns with Rust's regex, whose "$" is the
+# very end, so an id with a trailing newline is refused (tests/unit/test_configs.py checks it)
 Dataset = Literal[BUILTIN_DATASETS] | Annotated[str, Strict(), Field(pattern=ID_RE)]
 ModelRef = Annotated[str, Strict(), Field(pattern=MODEL_REF_RE, max_length=140)]  # name, name:3, name@alias
 Device = Annotated[str, Strict(), Field(pattern=DEVICE_RE, max_length=16)]
