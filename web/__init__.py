@@ -32,6 +32,6 @@ def create_app(settings=None) -> "Flask":
     errors.init_app(app)
     metrics.init_app(app)  # registers /metrics; its hooks go first, so requests auth refuses are timed too
     auth.init_app(app)
-    for module in (health, jobs, datasets, openapi, models_api, predict, dashboard):
+    for module in (health, jobs, datasets, auth, openapi, models_api, predict, dashboard):
         app.register_blueprint(module.bp)
     return app

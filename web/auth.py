@@ -1,11 +1,13 @@
 """Bearer-token auth: one before_request hook and one endpoint -> scope table.
 
 Every /v1 endpoint and /predict need ``Authorization: Bearer <token>`` carrying the
-scope listed for the endpoint below (admin implies all). An endpoint under /v1 or
-/predict missing from the table needs admin, so a new route fails closed; a test
-checks that every such route is listed. /health, /ready, /metrics (unless
-``protect_metrics``), the dashboard page and static files are public.
-``flask --app web tokens create|list|revoke`` manages tokens.
+scope listed for the endpoint below (admin implies all, submit implies read). An
+endpoint under /v1 or /predict missing from the table needs admin, so a new route
+fails closed; a test checks that every such route is listed. /health, /ready,
+/metrics (unless ``protect_metrics``), /openapi.json, /docs, the dashboard page and
+static files are public. Tokens are managed over HTTP (``/v1/tokens``, admin) or with
+``flask --app web tokens create|list|revoke``. Token checks are cached for a few
+seconds (worker.tokens.CACHE_TTL_S); a store that is down answers 503, not 500.
 """
 from __future__ import annotations
 
@@ -13,13 +15,16 @@ import json
 import sys
 
 import click
-from flask import current_app, g, request
+from flask import Blueprint, current_app, g, jsonify, request
 from flask.cli import AppGroup
 
 from web.context import settings as app_settings
+from web.schemas import TOKEN_CREATE, doc, parse_datetime, validate
 from worker.db import migrate
 from worker.errors import Forbidden, KilnError, Unauthorized
 from worker.tokens import SCOPES, TokenStore, allows
+
+bp = Blueprint("tokens", __name__, url_prefix="/v1/tokens")
 
 # endpoint -> scope. read: GETs; submit: create/cancel jobs, upload datasets;
 # predict: /predict; admin: the model registry's writes (and everything else).
@@ -44,6 +49,10 @@ ENDPOINT_SCOPES: dict[str, str] = {
     "models_api.set_alias": "admin",
     # predict
     "predict.predict": "predict",
+    # tokens
+    "tokens.create": "admin",
+    "tokens.list_tokens": "admin",
+    "tokens.revoke": "admin",
 }
 METRICS_ENDPOINT = "metrics.metrics"
 PROTECTED_PREFIXES = ("/v1/", "/predict")
@@ -97,7 +106,7 @@ def check_request():
     row = token_store(app).verify(token)
     if row is None:
         g.kiln_auth_failed = True
-        raise Unauthorized("invalid or revoked token")
+        raise Unauthorized("invalid, expired or revoked token")
     if not allows(row["scopes"], scope):
         raise Forbidden(f"token {row['name']!r} lacks the {scope!r} scope this endpoint needs "
                         f"(it has: {', '.join(row['scopes'])})", {"required": scope, "scopes": row["scopes"]})
@@ -129,11 +138,13 @@ def _fail(exc: KilnError):
 @tokens_cli.command("create")
 @click.option("--name", required=True, help="A label for the token (who or what uses it).")
 @click.option("--scope", "scopes", multiple=True, required=True, type=click.Choice(SCOPES),
-              help="read, submit, predict or admin (admin implies all); repeat for several.")
-def create_cmd(name, scopes):
+              help="read, submit (implies read), predict or admin (implies all); repeat for several.")
+@click.option("--expires-in", "expires_in", type=click.IntRange(1), default=None,
+              help="Seconds until the token expires (default: never).")
+def create_cmd(name, scopes, expires_in):
     """Create a token and print it once (only its hash is stored)."""
     try:
-        token, row = _cli_store().create(name, list(scopes))
+        token, row = _cli_store().create(name, list(scopes), expires_in_s=expires_in)
     except KilnError as exc:
         _fail(exc)
     click.echo(token)
@@ -149,10 +160,10 @@ def list_cmd(as_json):
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    click.echo(f"{'ID':<34} {'NAME':<20} {'SCOPES':<22} {'CREATED':<28} REVOKED")
+    click.echo(f"{'ID':<34} {'NAME':<20} {'SCOPES':<22} {'CREATED':<26} {'EXPIRES':<26} {'LAST USED':<26} REVOKED")
     for r in rows:
-        click.echo(f"{r['id']:<34} {r['name']:<20} {','.join(r['scopes']):<22} {r['created_at'] or '':<28} "
-                   f"{r['revoked_at'] or '-'}")
+        click.echo(f"{r['id']:<34} {r['name']:<20} {','.join(r['scopes']):<22} {r['created_at'] or '':<26} "
+                   f"{r['expires_at'] or '-':<26} {r['last_used_at'] or '-':<26} {r['revoked_at'] or '-'}")
 
 
 @tokens_cli.command("revoke")
@@ -165,6 +176,38 @@ def revoke_cmd(name_or_id):
         _fail(exc)
     for r in rows:
         click.echo(f"revoked {r['name']!r} (id {r['id']})")
+
+
+# ------------------------------------------------------------------ /v1/tokens (admin)
+
+@bp.post("")
+@doc(body="TokenCreate", responses={201: ("the token; `token` is its secret, shown only in this answer",
+                                          "TokenCreated"),
+                                     409: "an active token has this name", 415: "not a JSON body",
+                                     422: "invalid body (one detail per field), or expires_at in the past"},
+     links={201: {"RevokeToken": ("tokens.revoke", {"token_id": "$response.body#/id"})}})
+def create():
+    """Create a token with scopes and an optional expiry; the secret is shown once."""
+    body = validate(TOKEN_CREATE, request.get_json())
+    expires_at = parse_datetime(body["expires_at"]) if "expires_at" in body else None
+    token, row = token_store().create(body["name"], body["scopes"], expires_at=expires_at,
+                                      expires_in_s=body.get("expires_in_s"))
+    return jsonify({**row, "token": token}), 201
+
+
+@bp.get("")
+@doc(responses={200: ("every token, oldest first: scopes, expiry, last use, revocation (never a secret)",
+                      "TokenList")})
+def list_tokens():
+    """Every token with its scopes, expiry and last use (last use is written at most once a minute)."""
+    return jsonify({"tokens": token_store().list()})
+
+
+@bp.delete("/<token_id>")
+@doc(responses={200: ("the revoked token", "Token"), 404: "no active token with this id"})
+def revoke(token_id: str):
+    """Revoke a token: it stops working at once here, and within seconds on every web process."""
+    return jsonify(token_store().revoke_id(token_id))
 
 
 def init_app(app) -> None:

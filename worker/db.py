@@ -91,7 +91,12 @@ tokens = sa.Table(
     sa.Column("scopes", sa.JSON, nullable=False),
     sa.Column("created_at", TS, nullable=False),
     sa.Column("revoked_at", TS),
+    sa.Column("expires_at", TS),
+    sa.Column("last_used_at", TS),
 )
+
+CONNECT_TIMEOUT_S = 3  # PostgreSQL: seconds to establish a connection (libpq connect_timeout)
+POOL_TIMEOUT_S = 5  # seconds a request waits for a free pooled connection before it answers 503
 
 _engines: dict[str, sa.Engine] = {}
 _lock = threading.Lock()
@@ -116,7 +121,13 @@ def create_engine(url: str) -> sa.Engine:
         engine = sa.create_engine(url, connect_args={"timeout": 30})
         sa.event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    # A database that is down answers within seconds (503 naming it), not after the OS's TCP
+    # timeout (~2 minutes): libpq's connect_timeout, and a bounded wait for a pooled connection.
+    connect_args = {}
+    if url.startswith("postgresql") and "connect_timeout" not in sa.engine.make_url(url).query:
+        connect_args["connect_timeout"] = CONNECT_TIMEOUT_S
+    return sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10, pool_timeout=POOL_TIMEOUT_S,
+                            connect_args=connect_args)
 
 
 def make_engine(settings) -> sa.Engine:

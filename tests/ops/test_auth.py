@@ -12,8 +12,8 @@ from web.auth import ENDPOINT_SCOPES
 
 # For each required scope, a token scope that must NOT pass (admin passes everything).
 WRONG = {"read": "predict", "submit": "read", "predict": "read", "admin": "submit"}
-PLACEHOLDERS = {"job_id": "0" * 32, "dataset_id": "0" * 32, "name": "nomodel", "alias": "production",
-                "path": "train.log"}
+PLACEHOLDERS = {"job_id": "0" * 32, "dataset_id": "0" * 32, "token_id": "0" * 32, "name": "nomodel",
+                "alias": "production", "path": "train.log"}
 
 
 def api_routes(app) -> list[tuple[str, str, str]]:
@@ -53,12 +53,13 @@ def test_every_api_endpoint_has_a_scope(auth_app):
 
 
 def test_scope_table_follows_the_rules(auth_app):
-    """GETs need read; POST jobs/cancel/datasets submit; /predict predict; registry writes admin."""
+    """GETs need read; POST jobs/cancel/datasets submit; /predict predict; registry writes and
+    everything under /v1/tokens admin."""
     for method, url, endpoint in api_routes(auth_app):
         scope = ENDPOINT_SCOPES[endpoint]
         if url == "/predict":
             assert scope == "predict"
-        elif url.startswith("/v1/models") and method != "GET":
+        elif url.startswith("/v1/tokens") or (url.startswith("/v1/models") and method != "GET"):
             assert scope == "admin", endpoint
         elif method == "GET":
             assert scope == "read", endpoint
