@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify, request, url_for
 
-from web.context import kiln
-from web.schemas import DATASET_NAME, doc, validate
+from web.context import kiln, settings
+from web.schemas import DATASET_NAME, DATASET_QUERY, doc, parse_query, validate
+from worker.datasets import upload_slots
 from worker.errors import BadRequest, UnsupportedMediaType
 
 bp = Blueprint("datasets", __name__, url_prefix="/v1/datasets")
@@ -12,30 +13,42 @@ ZIP_TYPES = ("application/zip", "application/x-zip-compressed", "application/oct
 
 
 def _upload():
-    """(fileobj, filename, name) from a multipart ``file`` field or a raw zip body (?name=)."""
+    """(fileobj, filename, name) from a multipart ``file`` field or a raw zip body; the name from the
+    multipart ``name`` field, else ?name= (each checked against the same pattern when present)."""
     mimetype = request.mimetype or ""
+    query = parse_query(DATASET_QUERY, request.args)  # 400 for a bad ?name=, whatever the body
     if mimetype == "multipart/form-data":
         upload = request.files.get("file")
         if upload is None:
             raise BadRequest("multipart body has no `file` field; send file=@data.zip", code="missing_file")
-        return upload.stream, upload.filename or "upload.zip", request.form.get("name") or None
+        name = query.get("name")
+        if "name" in request.form:
+            name = validate({"type": "object", "properties": {"name": DATASET_NAME}},
+                            {"name": request.form["name"]}, "name")["name"]
+        return upload.stream, upload.filename or "upload.zip", name
     if mimetype in ZIP_TYPES:
-        return request.stream, "upload.zip", request.args.get("name") or None
+        return request.stream, "upload.zip", query.get("name")
     raise UnsupportedMediaType(f"unsupported content type {mimetype or '(none)'}; "
                                "send multipart/form-data with a `file` field holding a zip")
 
 
 @bp.post("")
-@doc(body="DatasetUpload", body_types=("multipart/form-data", "application/zip"),
-     responses={201: "the stored dataset: id, name, classes, counts, num_images, size",
-                400: "no file", 413: "body too large", 415: "not multipart",
-                422: "not a zip, unsafe or oversize entries, undecodable images, fewer than 2 classes"})
+@doc(body={"multipart/form-data": "DatasetUpload", "application/zip": "ZipBody"},
+     body_types=("multipart/form-data", "application/zip"), query=DATASET_QUERY,
+     responses={201: ("the stored dataset: id, name, classes, counts, num_images, size", "Dataset"),
+                400: "no file", 413: "body too large, or too slow to check", 415: "not multipart",
+                422: "not a zip, unsafe or oversize entries, undecodable images, fewer than 2 classes",
+                429: "this web process is checking as many uploads as it may (Retry-After)"},
+     links={201: {"GetDataset": ("datasets.get_dataset", {"dataset_id": "$response.body#/id"})}})
 def create():
-    """Check an ImageFolder zip entry by entry, then store it atomically."""
-    fileobj, filename, name = _upload()
-    if name is not None:
-        name = validate({"type": "object", "properties": {"name": DATASET_NAME}}, {"name": name}, "name")["name"]
-    dataset = kiln().create_dataset(fileobj, filename, name=name)
+    """Check an ImageFolder zip entry by entry, then store it atomically.
+
+    The checks (inflate with a byte budget, decode every image) run on a small per-process pool
+    with a time limit; a busy process answers 429 before reading the body.
+    """
+    with upload_slots(settings()).slot():
+        fileobj, filename, name = _upload()
+        dataset = kiln().create_dataset(fileobj, filename, name=name)
     resp = jsonify(dataset)
     resp.status_code = 201
     resp.headers["Location"] = url_for("datasets.get_dataset", dataset_id=dataset["id"])
@@ -43,14 +56,14 @@ def create():
 
 
 @bp.get("")
-@doc(responses={200: "every uploaded dataset, newest first"})
+@doc(responses={200: ("every uploaded dataset, newest first", "DatasetList")})
 def list_datasets():
     """Every uploaded dataset."""
     return jsonify({"datasets": kiln().list_datasets()})
 
 
 @bp.get("/<dataset_id>")
-@doc(responses={200: "the dataset", 404: "no such dataset"})
+@doc(responses={200: ("the dataset", "Dataset"), 404: "no such dataset"})
 def get_dataset(dataset_id: str):
     """One uploaded dataset: classes, per-class counts, size."""
     return jsonify(kiln().get_dataset(dataset_id))

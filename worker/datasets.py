@@ -1,13 +1,18 @@
 """Uploaded datasets: check an ImageFolder zip entry by entry, then store it atomically.
 
-Nothing is stored unless every check passes. Declared sizes are checked before a
-byte is inflated (count, total size, per-entry compression ratio, unsafe names,
-symlinks), then enforced again while extracting into a scratch folder (headers can
-lie), then every image is decoded with PIL under a pixel limit. Only then is the
-folder moved to datasets/<id>/<class>/<file> and the row inserted.
+Nothing is stored unless every check passes. The central directory is walked
+record by record before zipfile builds an object per entry (a lying count cannot
+cost memory); declared sizes are checked before a byte is inflated (count, total
+size, total and per-entry compression ratio, unsafe names, symlinks), then enforced
+again while extracting into a scratch folder (headers can lie), then every image is
+decoded under a pixel limit, in the formats ml.images reads. Only then is the folder
+moved to datasets/<id>/<class>/<file> and the row inserted. The checks run on a small
+per-process pool with a time limit (``checked_off_thread``), so concurrent uploads
+cannot take every core and scratch disk of a web process.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -15,20 +20,28 @@ import shutil
 import stat
 import struct
 import tempfile
+import threading
 import uuid
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path, PurePosixPath
-
-from PIL import Image
 
 from configs.names import is_id
 from ml.folders import IMAGE_EXTENSIONS, is_image
+from ml.images import ImageError, load_image, open_image
 from worker.clock import iso, utcnow
-from worker.errors import InvalidInput, NotFound
+from worker.errors import InvalidInput, NotFound, PayloadTooLarge, TooManyRequests, Unavailable
 
-RATIO_FLOOR = 1 << 20  # entries under 1 MiB inflated can't bomb anyone; a flat-colour BMP may compress 1000x
+RATIO_FLOOR = 1 << 20  # one entry under 1 MiB inflated can't bomb anyone; a flat-colour BMP may compress 1000x
+# ... but thousands of them can: the whole archive may inflate to this much whatever its ratio, and
+# beyond it to at most max_compression_ratio times its compressed bytes.
+TOTAL_RATIO_FLOOR = 64 << 20
 MAX_DETAILS = 50
 CHUNK = 1 << 20
+# Uploads checked at once per web process (each inflates and decodes on one core), and for how long.
+UPLOAD_WORKERS = 2
+UPLOAD_TIMEOUT_S = 600.0
 SUPPORTED_COMPRESSION = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
 
 
@@ -74,8 +87,11 @@ def _junk(parts: tuple[str, ...]) -> bool:
     return parts[0] == "__MACOSX" or any(p.startswith(".") for p in parts)
 
 
-def plan_zip(zf: zipfile.ZipFile, settings) -> tuple[list[tuple[zipfile.ZipInfo, str, str]], set[str]]:
+def plan_zip(zf: zipfile.ZipFile, settings, archive_size: int | None = None
+             ) -> tuple[list[tuple[zipfile.ZipInfo, str, str]], set[str]]:
     """Check declared facts; return [(info, class, filename)] to extract and the set of class folders."""
+    if archive_size is None:
+        archive_size = zf.fp.seek(0, os.SEEK_END) if zf.fp is not None else 0
     problems = _Problems()
     files, dirs, seen = [], [], set()
     for info in zf.infolist():
@@ -99,6 +115,10 @@ def plan_zip(zf: zipfile.ZipFile, settings) -> tuple[list[tuple[zipfile.ZipInfo,
     total = sum(info.file_size for info, _ in files)
     if total > settings.max_dataset_unpacked_bytes:
         problems.add("*", f"unpacks to {total} bytes; the limit is {settings.max_dataset_unpacked_bytes}")
+    packed = min(sum(info.compress_size for info, _ in files), archive_size)
+    if total > max(TOTAL_RATIO_FLOOR, settings.max_compression_ratio * packed):
+        problems.add("*", f"unpacks to {total} bytes from {packed} compressed bytes, a ratio over "
+                          f"{settings.max_compression_ratio:g} (zip bomb?)")
     for info, _ in files:
         ratio = info.file_size / max(info.compress_size, 1)
         if info.file_size > RATIO_FLOOR and ratio > settings.max_compression_ratio:
@@ -126,8 +146,21 @@ class _Abort(Exception):
     pass
 
 
-def extract(zf: zipfile.ZipFile, plan, dest: Path, settings) -> int:
-    """Inflate the planned entries into dest/<class>/<file>, enforcing sizes on actual bytes; total bytes."""
+class _Stopped(Exception):
+    """The upload ran past its time limit; the pool thread stops at the next chunk or image."""
+
+
+def _check_stop(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise _Stopped()
+
+
+def extract(zf: zipfile.ZipFile, plan, dest: Path, settings, stop: threading.Event | None = None) -> int:
+    """Inflate the planned entries into dest/<class>/<file>, enforcing sizes on actual bytes; total bytes.
+
+    Each entry may not inflate past its declared size, so the running total never passes the
+    declared total that plan_zip accepted, whatever the headers claimed.
+    """
     problems, total = _Problems(), 0
     for info, cls, filename in plan:
         target, written = dest / cls / filename, 0
@@ -135,6 +168,7 @@ def extract(zf: zipfile.ZipFile, plan, dest: Path, settings) -> int:
             target.parent.mkdir(parents=True, exist_ok=True)
             with zf.open(info) as src, open(target, "wb") as out:
                 while block := src.read(CHUNK):
+                    _check_stop(stop)
                     written += len(block)
                     total += len(block)
                     if written > info.file_size:
@@ -147,16 +181,23 @@ def extract(zf: zipfile.ZipFile, plan, dest: Path, settings) -> int:
         except _Abort as exc:
             problems.add(info.filename, str(exc))
             break  # a bomb: stop inflating anything else
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # our disk, not the client's data
+                raise Unavailable("no scratch space left to check the upload; retry later") from None
             problems.add(info.filename, f"cannot be extracted: {exc}")
+        except _Stopped:
+            raise
+        except Exception as exc:  # noqa: BLE001 - zlib.error, lzma.LZMAError, EOFError, BadZipFile (CRC)...
+            problems.add(info.filename, f"cannot be extracted: corrupt data ({type(exc).__name__}: {exc})"[:300])
     problems.raise_if_any()
     return total
 
 
-def verify_images(plan, dest: Path, settings) -> None:
+def verify_images(plan, dest: Path, settings, stop: threading.Event | None = None) -> None:
     """Decode every image fully (verify + load) under the pixel limit; one detail per bad entry."""
     problems = _Problems()
     for info, cls, filename in plan:
+        _check_stop(stop)
         why = image_problem(dest / cls / filename, settings.max_image_pixels)
         if why:
             problems.add(info.filename, why)
@@ -164,21 +205,17 @@ def verify_images(plan, dest: Path, settings) -> None:
 
 
 def image_problem(path: Path, max_pixels: int) -> str | None:
-    """Why PIL cannot use this file as an image, or None."""
+    """Why Kiln cannot use this file as an image (format outside ml.images.FORMATS, too many
+    pixels, corrupt or truncated data), or None."""
     try:
-        with Image.open(path) as im:  # reads the header only
-            width, height = im.size
-            if width * height > max_pixels:
-                return f"image is {width}x{height}, more than {max_pixels} pixels (decompression bomb?)"
-            im.verify()
-        with Image.open(path) as im:  # verify() leaves the image unusable: reopen to decode pixels
-            im.load()
-    except Image.UnidentifiedImageError:
-        return "not an image PIL can read"
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return f"more than {max_pixels} pixels (decompression bomb?)"
-    except Exception as exc:  # noqa: BLE001 - decoders raise many types on hostile input; all mean "corrupt"
-        return f"truncated or corrupt image ({type(exc).__name__}: {exc})"
+        with open(path, "rb") as f, open_image(f, max_pixels, where="image") as im:  # header only
+            im.verify()  # checksums (PNG CRCs) without keeping pixels
+        with open(path, "rb") as f, open_image(f, max_pixels, where="image") as im:
+            load_image(im)  # verify() leaves the image unusable: reopen to decode every pixel
+    except ImageError as exc:
+        return str(exc).removeprefix("image: ")
+    except Exception as exc:  # noqa: BLE001 - verify() raises many types on hostile input; all mean "corrupt"
+        return f"truncated or corrupt image ({type(exc).__name__}: {exc})"[:300]
     return None
 
 
@@ -211,44 +248,134 @@ def _seekable(fileobj, scratch: Path):
     return copy
 
 
-def _check_entry_count(src, settings) -> None:
-    # Millions of tiny central-directory records would cost GBs of ZipInfo objects: read the
-    # count from the end record first (zipfile's private reader, stable since Python 2).
-    try:
-        end = zipfile._EndRecData(src)
-        entries = end[zipfile._ECD_ENTRIES_TOTAL] if end else 0
-    except (OSError, ValueError, IndexError, struct.error):
-        entries = 0
+def _corrupt(message: str) -> InvalidInput:
+    return InvalidInput(f"the zip archive is corrupt: {message}", [{"entry": "*", "message": message}],
+                        code="not_a_zip")
+
+
+def scan_central_directory(src, settings) -> int:
+    """Walk the central directory's records (46 fixed bytes + name, extra, comment each) without
+    building them, before zipfile does; the number of records, or InvalidInput.
+
+    zipfile reads every record whatever the end record's count says, and a ZipInfo costs about a
+    KiB: a few MB of tiny records would cost GBs. Zip64 end records spanning several disks and
+    offsets outside the file are refused here too.
+    """
     allowed = 2 * settings.max_dataset_files + 1000  # room for folder entries and macOS junk
-    if entries > allowed:
-        raise InvalidInput(f"the zip has {entries} entries; the limit is {settings.max_dataset_files} files",
-                           [{"entry": "*", "message": f"{entries} entries"}], code="invalid_dataset")
+    try:
+        end = zipfile._EndRecData(src)  # zipfile's private reader, stable since Python 2
+    except zipfile.BadZipFile as exc:  # e.g. "zipfiles that span multiple disks are not supported"
+        raise _corrupt(str(exc)) from None
+    except (OSError, ValueError, IndexError, struct.error) as exc:
+        raise _corrupt(f"unreadable end of central directory ({type(exc).__name__})") from None
+    if not end:
+        raise InvalidInput("the upload is not a zip archive; zip a folder laid out as <class>/<image>",
+                           [{"entry": "*", "message": "not a zip archive"}], code="not_a_zip")
+    declared, size_cd, offset_cd = end[zipfile._ECD_ENTRIES_TOTAL], end[zipfile._ECD_SIZE], end[zipfile._ECD_OFFSET]
+    if declared > allowed:
+        raise InvalidInput(f"the zip has {declared} entries; the limit is {settings.max_dataset_files} files",
+                           [{"entry": "*", "message": f"{declared} entries"}], code="invalid_dataset")
+    concat = end[zipfile._ECD_LOCATION] - size_cd - offset_cd
+    if end[zipfile._ECD_SIGNATURE] == zipfile.stringEndArchive64:
+        concat -= zipfile.sizeEndCentDir64 + zipfile.sizeEndCentDir64Locator
+    start = offset_cd + concat
+    if start < 0 or size_cd < 0 or start + size_cd > end[zipfile._ECD_LOCATION]:
+        raise _corrupt("the central directory lies outside the file")
+    src.seek(start)
+    count, pos = 0, 0
+    while pos < size_cd:
+        head = src.read(zipfile.sizeCentralDir)
+        if len(head) != zipfile.sizeCentralDir or head[:4] != zipfile.stringCentralDir:
+            raise _corrupt(f"bad central directory record {count + 1}")
+        count += 1
+        if count > allowed:
+            raise InvalidInput(f"the zip's central directory holds more than {allowed} records (its end record "
+                               f"says {declared}); the limit is {settings.max_dataset_files} files",
+                               [{"entry": "*", "message": f"more than {allowed} entries"}], code="invalid_dataset")
+        name_len, extra_len, comment_len = struct.unpack("<3H", head[28:34])
+        skip = name_len + extra_len + comment_len
+        src.seek(skip, os.SEEK_CUR)
+        pos += zipfile.sizeCentralDir + skip
+    return count
 
 
-def check_and_extract(fileobj, settings, scratch: Path) -> tuple[Path, dict[str, int], int]:
+def check_and_extract(fileobj, settings, scratch: Path, stop: threading.Event | None = None
+                      ) -> tuple[Path, dict[str, int], int]:
     """Run every check on the upload, leaving the images in scratch/tree; (tree, counts, bytes)."""
     src = _seekable(fileobj, scratch)
     try:
-        if not zipfile.is_zipfile(src):
-            raise InvalidInput("the upload is not a zip archive; zip a folder laid out as <class>/<image>",
-                               [{"entry": "*", "message": "not a zip archive"}], code="not_a_zip")
-        _check_entry_count(src, settings)
+        size = src.seek(0, os.SEEK_END)
+        scan_central_directory(src, settings)
         src.seek(0)
         try:
             zf = zipfile.ZipFile(src)
-        except (zipfile.BadZipFile, OSError, ValueError) as exc:
-            raise InvalidInput(f"the zip archive is corrupt: {exc}", [{"entry": "*", "message": str(exc)}],
-                               code="not_a_zip") from None
+        except Exception as exc:  # noqa: BLE001 - BadZipFile, OSError, ValueError, struct.error...
+            raise _corrupt(str(exc) or type(exc).__name__) from None
         with zf:
-            plan, classes = plan_zip(zf, settings)
+            plan, classes = plan_zip(zf, settings, size)
             tree = scratch / "tree"
             tree.mkdir()
-            size = extract(zf, plan, tree, settings)
-        verify_images(plan, tree, settings)
-        return tree, _counts(classes, plan), size
+            unpacked = extract(zf, plan, tree, settings, stop)
+        verify_images(plan, tree, settings, stop)
+        return tree, _counts(classes, plan), unpacked
     finally:
         if src is not fileobj:
             src.close()
+
+
+class UploadSlots:
+    """The per-process pool that checks uploads, and its admission: a full pool answers 429 at
+    once, before the body is read, instead of queueing uploads behind each other."""
+
+    def __init__(self, workers: int = UPLOAD_WORKERS, timeout_s: float = UPLOAD_TIMEOUT_S):
+        self.workers, self.timeout_s = max(1, workers), timeout_s
+        self._free = threading.BoundedSemaphore(self.workers)
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def slot(self):
+        """Hold one of the pool's places for the length of a request; TooManyRequests when none is free."""
+        if not self._free.acquire(blocking=False):
+            raise TooManyRequests(f"{self.workers} dataset uploads are being checked on this web process; "
+                                  "retry shortly", {"limit": self.workers}, code="too_many_uploads")
+        try:
+            yield
+        finally:
+            self._free.release()
+
+    def run(self, fn, *args):
+        """fn(*args, stop) on the pool, waited for up to timeout_s; then ``stop`` is set and the
+        upload refused with 413 once fn has stopped (at its next chunk or image)."""
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="kiln-upload")
+        stop = threading.Event()
+        future = self._pool.submit(fn, *args, stop)
+        try:
+            return future.result(timeout=self.timeout_s)
+        except FutureTimeout:
+            stop.set()
+            try:
+                future.result()
+            except (_Stopped, Exception):  # noqa: BLE001 - whatever it was doing, the answer is the timeout
+                pass
+            raise PayloadTooLarge(f"checking the upload took longer than {self.timeout_s:g} s; upload fewer "
+                                  "or smaller images at a time", code="upload_too_slow") from None
+
+
+_slots: dict[tuple[int, float], UploadSlots] = {}
+_slots_lock = threading.Lock()
+
+
+def upload_slots(settings) -> UploadSlots:
+    """This process's UploadSlots for these settings (workers and time limit)."""
+    key = (int(getattr(settings, "dataset_upload_workers", UPLOAD_WORKERS)),
+           float(getattr(settings, "dataset_check_timeout_s", UPLOAD_TIMEOUT_S)))
+    with _slots_lock:
+        if key not in _slots:
+            _slots[key] = UploadSlots(*key)
+        return _slots[key]
 
 
 # ---------------------------------------------------------------- store + storage
@@ -307,7 +434,12 @@ def create_dataset(kiln, fileobj, filename: str, name: str | None = None) -> dic
     engine, storage, settings = kiln.engine, kiln.storage, kiln.settings
     scratch = Path(tempfile.mkdtemp(prefix="upload-", dir=_scratch_parent(storage, settings)))
     try:
-        tree, counts, size = check_and_extract(fileobj, settings, scratch)
+        src = _seekable(fileobj, scratch)  # reading the body is the request's part
+        try:
+            tree, counts, size = upload_slots(settings).run(check_and_extract, src, settings, scratch)
+        finally:
+            if src is not fileobj:
+                src.close()
         dataset_id = uuid.uuid4().hex
         row = {"id": dataset_id, "name": name or _default_name(filename), "classes": list(counts),
                "counts": counts, "num_images": sum(counts.values()), "size": size,
