@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import mimetypes
 import posixpath
 import re
+import select
+import socket
+import threading
 import time
 
 import yaml
@@ -13,14 +17,20 @@ from flask import Blueprint, Response, current_app, jsonify, request, url_for
 from web.context import kiln, settings
 from web.errors import too_large_message
 from web.schemas import JOB_QUERY, LOG_QUERY, doc, parse_query, validate_job
-from worker.errors import BadRequest, InvalidInput, KilnError, PayloadTooLarge, UnsupportedMediaType
+from worker.errors import (BadRequest, InvalidInput, KilnError, PayloadTooLarge, TooManyRequests,
+                           UnsupportedMediaType)
 from worker.storage import clean_path
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
+log = logging.getLogger("kiln.web")
 
 JSON_TYPES = ("application/json",)
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
 CHUNK = 256 * 1024
+# Follow streams per web process: each holds a thread for its whole life (gunicorn gthread), so
+# a few of them must never take every thread of a process (deploy/gunicorn.conf.py runs 16).
+FOLLOW_STREAMS = 2
+JOB_LINK = {"job_id": "$response.body#/id"}
 
 
 def _read_body() -> object:
@@ -40,12 +50,18 @@ def _read_body() -> object:
     if is_json:
         try:
             return json.loads(text, parse_constant=_no_constant)
-        except (ValueError, RecursionError) as exc:
+        except RecursionError:
+            raise BadRequest("malformed JSON: nested too deeply", code="invalid_json") from None
+        except ValueError as exc:
             raise BadRequest(f"malformed JSON: {exc}", code="invalid_json") from None
     try:
         data = yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
     except (yaml.YAMLError, RecursionError) as exc:
         raise BadRequest(f"malformed YAML: {exc}", code="invalid_yaml") from None
+    except Exception as exc:  # noqa: BLE001 - PyYAML's constructors raise ValueError, KeyError, OverflowError...
+        # ... for scalars it tags but cannot build: 2001-02-30, !!float abc, !!bool maybe, 5000 digits
+        raise BadRequest(f"malformed YAML: a value cannot be read ({type(exc).__name__}: {_first_line(exc)})",
+                         code="invalid_yaml") from None
     if not isinstance(data, dict):
         raise BadRequest(f"the YAML document must be a mapping, got {type(data).__name__}", code="invalid_yaml")
     # A YAML body is either a full {"kind", "config"} document or a bare train config.
@@ -64,10 +80,15 @@ class _NoAliasLoader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else "unreadable"
+
+
 def _bounded_data() -> bytes:
-    """The body, 413 beyond MAX_CONTENT_LENGTH even without a Content-Length header."""
+    """The body, 413 beyond the endpoint's limit (web.errors.body_limit) even without a Content-Length."""
     raw = request.get_data(cache=False)  # a declared length over the limit is refused here
-    limit = current_app.config.get("MAX_CONTENT_LENGTH")
+    limit = request.max_content_length
     # werkzeug's read() of a chunked body stops quietly at the limit: a body that reaches it is too long
     if limit is not None and request.content_length is None and len(raw) >= limit:
         raise PayloadTooLarge(too_large_message(limit))
@@ -79,9 +100,14 @@ def _no_constant(name: str):
 
 
 @bp.post("")
-@doc(body="JobSubmission", body_types=("application/json", "application/yaml"),
-     responses={202: "the queued job (Location: its URL)", 400: "malformed JSON or YAML",
-                413: "body too large", 415: "unsupported content type", 422: "invalid config, one detail per field"})
+@doc(body={"application/json": "JobSubmission", "application/yaml": "JobYaml"},
+     body_types=("application/json", "application/yaml"),
+     responses={202: ("the queued job (Location: its URL)", "Job"), 400: "malformed JSON or YAML",
+                413: "body too large", 415: "unsupported content type",
+                422: "invalid config, one detail per field; or it names a dataset or model that does not exist"},
+     links={202: {"GetJob": ("jobs.get_job", JOB_LINK), "CancelJob": ("jobs.cancel", JOB_LINK),
+                  "JobLogs": ("jobs.logs", JOB_LINK), "JobMetrics": ("jobs.metrics", JOB_LINK),
+                  "JobArtifacts": ("jobs.artifacts", JOB_LINK)}})
 def submit():
     """Validate a job config and queue it."""
     kind, config = validate_job(_read_body())
@@ -93,7 +119,8 @@ def submit():
 
 
 @bp.get("")
-@doc(query=JOB_QUERY, responses={200: "a page of jobs, newest first", 400: "bad filter or pagination"})
+@doc(query=JOB_QUERY, responses={200: ("a page of jobs, newest first", "JobPage"),
+                                 400: "bad filter or pagination"})
 def list_jobs():
     """List jobs, filtered by status and kind, paginated by limit and offset."""
     q = parse_query(JOB_QUERY, request.args, max_limit=settings().page_size_max)
@@ -102,24 +129,31 @@ def list_jobs():
 
 
 @bp.get("/<job_id>")
-@doc(responses={200: "the job", 404: "no such job"})
+@doc(responses={200: ("the job", "Job"), 404: "no such job"})
 def get_job(job_id: str):
     """One job: state, progress, metrics, attempts, timestamps, error."""
     return jsonify(kiln().get_job(job_id))
 
 
 @bp.post("/<job_id>/cancel")
-@doc(responses={200: "the job, cancelled or cancelling", 404: "no such job", 409: "already finished"})
+@doc(responses={200: ("the job, cancelled or cancelling", "Job"), 404: "no such job", 409: "already finished"})
 def cancel(job_id: str):
     """Cancel a job: a queued one at once, a running one at its next step boundary."""
     return jsonify(kiln().cancel_job(job_id))
 
 
 @bp.get("/<job_id>/logs")
-@doc(query=LOG_QUERY, responses={200: "text/plain log from the offset; X-Next-Offset gives the next one",
-                                 400: "bad offset", 404: "no such job"})
+@doc(query=LOG_QUERY, responses={200: ("the log from the offset (X-Next-Offset gives the next one); "
+                                      "with follow, a stream", {"type": "string"}, "text/plain"),
+                                 400: "bad offset", 404: "no such job",
+                                 429: "too many follow streams open on this web process (Retry-After)"})
 def logs(job_id: str):
-    """The job's log from byte ``offset``; ``follow=1`` streams until the job ends and the log is drained."""
+    """The job's log from byte ``offset``; ``follow=1`` streams until the job ends and the log is drained.
+
+    Each open follow stream holds a web thread, so a process serves a few at a time (429 beyond);
+    a stream ends after KILN_LOG_FOLLOW_MAX_S (the client reconnects at X-Next-Offset) or as soon
+    as its client has gone.
+    """
     q = parse_query(LOG_QUERY, request.args)
     facade = kiln()
     data, next_offset, finished = facade.read_log(job_id, offset=q["offset"])  # 404 before any streaming
@@ -128,20 +162,81 @@ def logs(job_id: str):
         resp.headers["X-Next-Offset"] = str(next_offset)
         resp.headers["X-Job-Finished"] = "true" if finished else "false"
         return resp
-    poll = min(max(float(current_app.config.get("KILN_LOG_POLL_S", 0.5)), 0.05), 5.0)
-    max_s = float(current_app.config.get("KILN_LOG_FOLLOW_MAX_S", 600.0))
-    resp = Response(_follow(facade, job_id, data, next_offset, finished, poll, max_s), mimetype="text/plain")
+    release = follow_slots().acquire()
+    try:
+        poll = min(max(float(current_app.config.get("KILN_LOG_POLL_S", 0.5)), 0.05), 5.0)
+        max_s = float(current_app.config.get("KILN_LOG_FOLLOW_MAX_S", 600.0))
+        sock = request.environ.get("gunicorn.socket") or request.environ.get("werkzeug.socket")
+        stream = _follow(facade, job_id, data, next_offset, finished, poll, max_s, lambda: client_gone(sock))
+        resp = Response(stream, mimetype="text/plain")
+        resp.call_on_close(release)  # runs when the server closes the response, however it ended
+    except BaseException:
+        release()
+        raise
     resp.headers["X-Accel-Buffering"] = "no"  # let nginx pass chunks through as they come
     return resp
 
 
-def _follow(facade, job_id, data, offset, finished, poll_s, max_s):
-    """Yield log chunks until the job is finished and a read comes back empty, or max_s passes."""
+class FollowSlots:
+    """How many follow streams this process serves at once; ``acquire`` answers 429 when all are taken."""
+
+    def __init__(self, limit: int):
+        self.limit, self.open = limit, 0
+        self._lock = threading.Lock()
+
+    def acquire(self):
+        with self._lock:
+            if self.open >= self.limit:
+                raise TooManyRequests(f"{self.open} log streams are open on this web process (the limit is "
+                                      f"{self.limit}); read the log with ?offset=N polling, or retry later",
+                                      {"limit": self.limit}, code="too_many_streams")
+            self.open += 1
+        done = []
+
+        def release():
+            with self._lock:
+                if not done:  # once, whoever calls first (the response's close or an error path)
+                    done.append(True)
+                    self.open -= 1
+        return release
+
+
+def follow_slots() -> FollowSlots:
+    """The app's FollowSlots (KILN_LOG_FOLLOW_STREAMS in app.config, else FOLLOW_STREAMS per process)."""
+    app = current_app._get_current_object()
+    slots = app.extensions.get("kiln.follow")
+    if slots is None:
+        limit = int(app.config.get("KILN_LOG_FOLLOW_STREAMS",
+                                   getattr(settings(app), "log_follow_streams", FOLLOW_STREAMS)))
+        slots = app.extensions["kiln.follow"] = FollowSlots(max(1, limit))
+    return slots
+
+
+def client_gone(sock) -> bool:
+    """Whether the peer of ``sock`` has closed its end (a read would return EOF); False if unknown."""
+    if sock is None:
+        return False
+    try:
+        poller = select.poll()
+        poller.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
+        if not poller.poll(0):
+            return False  # nothing to read: the client is quietly waiting
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except (OSError, ValueError):
+        return True  # reset, or the server closed it already
+
+
+def _follow(facade, job_id, data, offset, finished, poll_s, max_s, gone=lambda: False):
+    """Yield log chunks until the job is finished and a read comes back empty, max_s passes, or the
+    client has gone (checked while the log is quiet, where no write would notice it)."""
     deadline = time.monotonic() + max_s
+    yield b""  # the server sends the headers now, not at the first log line of a quiet job
     while True:
         if data:
             yield data
-        elif finished or time.monotonic() >= deadline:
+        elif finished or time.monotonic() >= deadline or gone():
             return
         else:
             time.sleep(poll_s)
@@ -150,17 +245,21 @@ def _follow(facade, job_id, data, offset, finished, poll_s, max_s):
         except KilnError as exc:  # the headers are gone: end the stream, say why in the log text
             yield f"\n[kiln] log stream ended: {exc.message}\n".encode()
             return
+        except Exception as exc:  # noqa: BLE001 - a store or storage outage mid-stream: same, without raw text
+            log.warning("log stream of %s ended: %s", job_id, exc)
+            yield b"\n[kiln] log stream ended: a dependency is unavailable; reconnect at the last offset\n"
+            return
 
 
 @bp.get("/<job_id>/metrics")
-@doc(responses={200: "per-epoch rows and series by metric name", 404: "no such job"})
+@doc(responses={200: ("per-epoch rows and series by metric name", "JobMetrics"), 404: "no such job"})
 def metrics(job_id: str):
     """Per-epoch metric series (train/val loss, accuracy, lr, grad norm)."""
     return jsonify(kiln().job_metrics(job_id))
 
 
 @bp.get("/<job_id>/artifacts")
-@doc(responses={200: "artifacts with name, size and sha256", 404: "no such job"})
+@doc(responses={200: ("artifacts with name, size and sha256", "Artifacts"), 404: "no such job"})
 def artifacts(job_id: str):
     """Everything the job stored: name, size, sha256."""
     return jsonify({"artifacts": kiln().list_artifacts(job_id)})
@@ -179,7 +278,8 @@ def safe_artifact_name(name: str) -> str:
 
 
 @bp.get("/<job_id>/artifacts/<path:name>")
-@doc(responses={200: "the file", 400: "path escapes the job folder", 404: "no such job or file"})
+@doc(responses={200: ("the file", {"type": "string", "format": "binary"}, "*/*"),
+                400: "path escapes the job folder", 404: "no such job or file"})
 def download(job_id: str, name: str):
     """Download one artifact (streamed, with Content-Length)."""
     fileobj, size = kiln().open_artifact(job_id, safe_artifact_name(name))
