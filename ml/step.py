@@ -4,15 +4,21 @@ Order (the torchvision reference once got it wrong, see STYLE.md):
 autocast forward -> loss / n_micro -> scaled backward -> [at the accumulation boundary]
 unscale -> non-finite check -> clip (on unscaled grads) -> scaler.step -> scaler.update ->
 zero_grad(set_to_none=True).
+
+Under DDP the backward of the group's last micro-batch all-reduces the gradients (inner ones run
+under no_sync), so the norm, the clip and the step see the synchronized, averaged gradients, and
+``sync`` makes every rank take the same non-finite decision from the same loss and norm.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
 
+from ml.checkpoint import unwrap
 from ml.runtime import autocast
 
 
@@ -56,13 +62,15 @@ def layer_grad_norms(model: nn.Module) -> dict[str, float]:
 
 def train_step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn, optimizer,
                scaler, acc: Accumulator, *, n_micro: int, boundary: bool, amp_dtype: torch.dtype | None = None,
-               grad_clip: float | None = None, want_layer_norms: bool = False, step: int = 0) -> StepResult:
+               grad_clip: float | None = None, want_layer_norms: bool = False, step: int = 0,
+               sync: Callable[[torch.Tensor], torch.Tensor] | None = None) -> StepResult:
     """One micro-batch; at ``boundary`` also the optimizer step.
 
     ``n_micro`` is the number of micro-batches in this accumulation group (smaller for the last
     group of an epoch), so the accumulated gradient is the mean over the group. ``scaler`` is a
-    torch.amp.GradScaler (disabled unless fp16). Raises ValueError on a non-finite loss or gradient,
-    naming the first parameter with a non-finite gradient.
+    torch.amp.GradScaler (disabled unless fp16). ``sync`` (several ranks: ml.distributed.Rank.sync_step)
+    replaces the loss and grad norm in [loss, grad_norm, correct] by their means over the ranks. Raises ValueError on a
+    non-finite loss or gradient, naming the first parameter with a non-finite gradient.
     """
     with autocast(inputs.device, amp_dtype):
         logits = model(inputs)                            # [N, K]
@@ -77,18 +85,19 @@ def train_step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, lo
     norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     group_loss = acc.loss
     acc.loss = None
-    # One host sync per optimizer step: loss, norm and accuracy together.
-    loss_v, norm_v, correct_v = torch.stack([group_loss.float(), norm.float(), correct.float()]).tolist()
+    # One host sync per optimizer step: loss, norm and accuracy together (and one all-reduce under DDP).
+    stats = torch.stack([group_loss.float(), norm.float(), correct.float()])
+    loss_v, norm_v, correct_v = (stats if sync is None else sync(stats)).tolist()
     fp16 = scaler.is_enabled()
     if not math.isfinite(loss_v) or (not math.isfinite(norm_v) and not fp16):
-        bad = first_nonfinite_param(model)
+        bad = first_nonfinite_param(unwrap(model))
         raise ValueError(
             f"non-finite {'loss' if not math.isfinite(loss_v) else 'gradient'} at step {step + 1} "
             f"(loss={loss_v}, grad_norm={norm_v}); first parameter with a non-finite gradient: {bad}. "
             "Lower training.lr, set training.grad_clip, check the data for NaN/Inf, or use amp: bf16/off")
     if grad_clip is not None and math.isfinite(norm_v):
         torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
-    layers = layer_grad_norms(model) if want_layer_norms else {}
+    layers = layer_grad_norms(unwrap(model)) if want_layer_norms else {}
     scale_before = scaler.get_scale() if fp16 else None
     scaler.step(optimizer)                                # skips the step if fp16 grads overflowed
     scaler.update()
