@@ -18,7 +18,7 @@ FORMAT = "kiln.checkpoint/1"
 KILN_VERSION = "0.1.0"
 # Keys copied into the JSON sidecar (everything except tensors/state dicts).
 _SIDECAR_KEYS = ("format", "epoch", "step", "batch_in_epoch", "classes", "normalization", "image_size",
-                 "in_channels", "metrics", "best", "versions", "config")
+                 "in_channels", "metrics", "best", "world_size", "versions", "config")
 
 
 def versions() -> dict:

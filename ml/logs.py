@@ -91,6 +91,16 @@ class MetricsLog:
         self.tb.close()
 
 
+class NoMetrics:
+    """What ranks other than rank 0 write: nothing (rank 0 records the ranks' reduced metrics)."""
+
+    def write(self, row: dict, step: int, tb_prefix: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class ActivationMonitor:
     """debug: forward hooks record each leaf module's output range and fail fast on NaN/Inf."""
 

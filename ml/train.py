@@ -1,7 +1,9 @@
 """The training loop: plain functions ``train`` -> ``train_one_epoch`` / ``evaluate``.
 
 Used by the CLI (``python -m ml.train CONFIG.yaml --set k=v --out DIR``) and by the Celery worker,
-which passes ``report`` (progress) and ``should_stop`` (cancellation) callables.
+which passes ``report`` (progress) and ``should_stop`` (cancellation) callables. With
+``training.processes`` > 1 the same loop runs in every rank of a DistributedDataParallel group
+(ml.distributed): ``training.batch_size`` stays the global batch, and rank 0 writes the files.
 """
 from __future__ import annotations
 
@@ -9,79 +11,32 @@ import argparse
 import dataclasses
 import gc
 import json
+import logging
 import math
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
 
-from configs.schema import TrainConfig, dump_yaml, to_dict
-from ml import runtime
-from ml.checkpoint import load_checkpoint, save_checkpoint, unwrap, versions
+from configs.schema import TrainConfig, dump_yaml
+from ml import distributed, runtime
+from ml.checkpoint import load_checkpoint, unwrap
 from ml.data import EpochSampler, batches_per_epoch, build_data, make_loader, resolve_num_workers
-from ml.logs import ActivationMonitor, MetricsLog, close_log, open_log
+from ml.logs import ActivationMonitor, MetricsLog, NoMetrics, close_log, open_log
 from ml.models import build_model
 from ml.optim import build_optimizer, build_scheduler
+from ml.run import Run, TrainResult, restore, save
 from ml.step import Accumulator, train_step
 
+def evaluate(model: nn.Module, loader, device: torch.device, *, channels_last: bool = False,
+             total: Callable[[list[float]], list[float]] | None = None) -> dict:
+    """Mean cross-entropy and accuracy over ``loader`` in eval mode, fp32 (matches ml.evaluate).
 
-@dataclass
-class TrainResult:
-    status: str                      # completed | stopped | early_stopped
-    epochs_completed: int
-    step: int
-    latest: dict
-    best: dict
-    resumed_from_epoch: int | None
-    out_dir: str
-
-
-@dataclass
-class Run:
-    """Everything the epoch loop mutates, in one place (what a checkpoint captures)."""
-    cfg: TrainConfig                 # num_classes / in_channels resolved to ints
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    scaler: torch.amp.GradScaler
-    device: torch.device
-    amp_dtype: torch.dtype | None
-    data: Any                        # ml.data.DataBundle
-    steps_per_epoch: int
-    log: Any
-    metrics: MetricsLog
-    report: Callable[[dict], None] | None = None
-    should_stop: Callable[[], bool] | None = None
-    monitor: ActivationMonitor | None = None
-    step: int = 0
-    latest: dict = field(default_factory=dict)
-    best: dict = field(default_factory=lambda: {"val_accuracy": None, "val_loss": None, "epoch": None})
-    partial: dict = field(default_factory=dict)   # sums of the unfinished epoch (mid-epoch resume)
-    resumed_from_epoch: int | None = None
-    t0: float = field(default_factory=time.monotonic)
-    start_step: int = 0
-
-    @property
-    def total_steps(self) -> int:
-        return self.cfg.training.epochs * self.steps_per_epoch
-
-    def progress(self, event: str, epoch: int) -> None:
-        if self.report is None:
-            return
-        done = self.step - self.start_step
-        eta = (time.monotonic() - self.t0) / done * (self.total_steps - self.step) if done > 0 else None
-        self.report({"event": event, "epoch": epoch, "epochs": self.cfg.training.epochs, "step": self.step,
-                     "total_steps": self.total_steps, "percent": round(100.0 * self.step / self.total_steps, 2),
-                     "eta_s": None if eta is None else round(eta, 1), "metrics": dict(self.latest),
-                     "best": dict(self.best), "resumed_from_epoch": self.resumed_from_epoch})
-
-
-def evaluate(model: nn.Module, loader, device: torch.device, *, channels_last: bool = False) -> dict:
-    """Mean cross-entropy and accuracy over ``loader`` in eval mode, fp32 (matches ml.evaluate)."""
+    ``total`` sums [loss_sum, correct, n] over the ranks when each rank evaluates a shard.
+    """
     model.eval()
     loss_sum, correct, n = 0.0, 0, 0
     with torch.inference_mode():
@@ -91,7 +46,9 @@ def evaluate(model: nn.Module, loader, device: torch.device, *, channels_last: b
             loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(1) == y).sum())
             n += len(y)
-    return {"val_loss": loss_sum / max(1, n), "val_accuracy": correct / max(1, n)}
+    if total is not None:
+        loss_sum, correct, n = total([loss_sum, correct, n])
+    return {"val_loss": loss_sum / max(1, n), "val_accuracy": int(correct) / max(1, n)}
 
 
 def _to_device(x, y, device, channels_last):
@@ -104,10 +61,11 @@ def _to_device(x, y, device, channels_last):
 def train_one_epoch(run: Run, loader, epoch: int, *, start_batch: int = 0) -> bool:
     """One pass over ``loader`` (starting at micro-batch ``start_batch``); False if stopped early."""
     t, model, accum = run.cfg.training, run.model, run.cfg.training.grad_accum_steps
-    n_micro = batches_per_epoch(len(run.data.train), t.batch_size)
+    n_micro = batches_per_epoch(len(run.data.train), t.batch_size)   # the same count on every rank
     loss_fn = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
     sums = run.partial or {"loss_sum": 0.0, "steps": 0, "correct": 0, "seen": 0}
     acc, channels_last = Accumulator(), run.cfg.model.channels_last
+    sync = run.ranks.sync_step if run.ranks else None
     model.train()
     for i, (x, y) in enumerate(loader, start=start_batch):
         x, y = _to_device(x, y, run.device, channels_last)
@@ -115,9 +73,10 @@ def train_one_epoch(run: Run, loader, epoch: int, *, start_batch: int = 0) -> bo
         n_in_group = min(accum, n_micro - group_start)    # last group of an epoch may be short
         boundary = i == group_start + n_in_group - 1
         log_now = boundary and (run.step + 1) % t.log_every_steps == 0
-        r = train_step(model, x, y, loss_fn, run.optimizer, run.scaler, acc, n_micro=n_in_group,
-                       boundary=boundary, amp_dtype=run.amp_dtype, grad_clip=t.grad_clip,
-                       want_layer_norms=log_now, step=run.step)
+        with distributed.no_sync(model, inner=not boundary):
+            r = train_step(model, x, y, loss_fn, run.optimizer, run.scaler, acc, n_micro=n_in_group,
+                           boundary=boundary, amp_dtype=run.amp_dtype, grad_clip=t.grad_clip,
+                           want_layer_norms=log_now, step=run.step, sync=sync)
         sums["correct"] += r.correct
         sums["seen"] += len(y)
         if not boundary:
@@ -137,29 +96,13 @@ def train_one_epoch(run: Run, loader, epoch: int, *, start_batch: int = 0) -> bo
             if run.monitor:
                 run.monitor.log(run.log, run.step)
             run.progress("step", epoch)
-        if run.should_stop is not None and run.should_stop():
-            run.partial = sums
-            _save(run, "last", epoch - 1, batch_in_epoch=i + 1)
+        if run.should_stop is not None and run.should_stop():   # several ranks: agreed in the step's all-reduce
+            run.partial = run.totals(sums)
+            save(run, "last", epoch - 1, batch_in_epoch=i + 1)
             run.log.info("stop requested: checkpoint at epoch %d batch %d (step %d)", epoch, i + 1, run.step)
             return False
     run.partial = sums
     return True
-
-
-def _state(run: Run, epoch_done: int, batch_in_epoch: int) -> dict:
-    d = run.data
-    return {"model": unwrap(run.model).state_dict(), "optimizer": run.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict() if run.scheduler else None,
-            "scaler": run.scaler.state_dict(), "epoch": epoch_done, "step": run.step,
-            "batch_in_epoch": batch_in_epoch, "partial": dict(run.partial) if batch_in_epoch else {},
-            "rng": runtime.get_rng_state(), "config": to_dict(run.cfg), "classes": list(d.classes),
-            "normalization": {"mean": d.mean, "std": d.std}, "image_size": d.image_size,
-            "in_channels": d.in_channels, "metrics": dict(run.latest), "best": dict(run.best),
-            "versions": versions()}
-
-
-def _save(run: Run, name: str, epoch_done: int, batch_in_epoch: int = 0) -> None:
-    save_checkpoint(run.metrics.path.parent / "checkpoints" / f"{name}.pt", _state(run, epoch_done, batch_in_epoch))
 
 
 def _resolve(cfg: TrainConfig, data) -> TrainConfig:
@@ -172,23 +115,52 @@ def _resolve(cfg: TrainConfig, data) -> TrainConfig:
 
 
 def train(cfg: TrainConfig, out_dir, *, report=None, should_stop=None, resume: bool = True,
-          dataset_roots: Mapping[str, str] | None = None, console: bool = True) -> TrainResult:
-    """Train ``cfg`` writing config.yaml, train.log, metrics.jsonl, tensorboard/ and checkpoints/ to ``out_dir``."""
-    out = Path(out_dir)
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    log, handlers = open_log(out / "train.log", console)
+          dataset_roots: Mapping[str, str] | None = None, console: bool = True,
+          processes: int | str | None = None) -> TrainResult:
+    """Train ``cfg`` writing config.yaml, train.log, metrics.jsonl, tensorboard/ and checkpoints/ to ``out_dir``.
+
+    ``processes`` (default: training.processes) > 1 runs that many DDP ranks on this host, started
+    from this process; ``report`` and ``should_stop`` are called here, never in a rank.
+    """
     t = cfg.training
-    device = runtime.resolve_device(t.device)
+    requested = getattr(t, "processes", 1) if processes is None else processes
+    world, device_type = distributed.resolve_processes(requested, t.device, t.batch_size)
+    if world > 1:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        return distributed.launch(train_rank, world, (cfg, str(out_dir), resume, dataset_roots, console),
+                                  device_type=device_type, report=report, should_stop=should_stop)
+    return _train(cfg, Path(out_dir), None, report, should_stop, resume, dataset_roots, console)
+
+
+def train_rank(rank, cfg: TrainConfig, out_dir: str, resume: bool = True,
+               dataset_roots: Mapping[str, str] | None = None, console: bool = False) -> TrainResult:
+    """The run inside one rank (ml.distributed.launch calls it in each); rank 0 reports and writes."""
+    return _train(cfg, Path(out_dir), rank, rank.report if rank.main else None, lambda: rank.stopped,
+                  resume, dataset_roots, console and rank.main)
+
+
+def _train(cfg: TrainConfig, out: Path, rank, report, should_stop, resume: bool,
+           dataset_roots: Mapping[str, str] | None, console: bool) -> TrainResult:
+    main, world = rank is None or rank.main, 1 if rank is None else rank.world_size
+    if main:
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        log, handlers = open_log(out / "train.log", console)
+    else:  # the other ranks write nothing; their warnings still reach stderr
+        log, handlers = logging.getLogger("kiln.ml.rank"), []
+        log.setLevel(logging.WARNING)
+    t = cfg.training
+    device = runtime.resolve_device(t.device) if rank is None else rank.device
     was_deterministic = runtime.set_determinism(t.deterministic, device)
     run = None
     try:
-        runtime.seed_everything(t.seed)
+        runtime.seed_everything(t.seed)  # the same on every rank: the same init, and resume restores rank 0's
         in_ch = None if cfg.model.in_channels == "auto" else int(cfg.model.in_channels)
         data = build_data(cfg.data, seed=t.seed, in_channels=in_ch, dataset_roots=dataset_roots)
         cfg = _resolve(cfg, data)
         workers = resolve_num_workers(cfg.data.num_workers, data)
-        threads = runtime.configure_threads(workers)
-        (out / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
+        threads = runtime.configure_threads(workers, processes=world)
+        if main:
+            (out / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
         model = build_model(cfg.model, cfg.model.num_classes, cfg.model.in_channels,
                             grad_checkpointing=t.grad_checkpointing, image_size=data.image_size).to(device)
         if cfg.model.channels_last:
@@ -201,23 +173,31 @@ def train(cfg: TrainConfig, out_dir, *, report=None, should_stop=None, resume: b
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         last = out / "checkpoints" / "last.pt"
         ckpt = load_checkpoint(last) if resume and last.exists() else None
-        metrics = MetricsLog(out, None if ckpt is None else ckpt["step"], 0 if ckpt is None else ckpt["epoch"])
+        metrics = MetricsLog(out, None if ckpt is None else ckpt["step"], 0 if ckpt is None else ckpt["epoch"]) \
+            if main else NoMetrics()
         run = Run(cfg, model, optimizer, scheduler, scaler, device, amp_dtype, data, steps_per_epoch, log,
-                  metrics, report, should_stop, ActivationMonitor(model) if t.debug else None)
+                  metrics, out, report, should_stop, ActivationMonitor(model) if t.debug else None, rank)
         start_epoch, start_batch = 0, 0
         if ckpt is not None:
-            start_epoch, start_batch = _restore(run, ckpt)
+            start_epoch, start_batch = restore(run, ckpt)
         else:
             log.info("training %s on %s: %d train / %d val images, %d classes, %dx%d x%d channels",
                      cfg.model.name, cfg.data.dataset, len(data.train), len(data.val), len(data.classes),
                      data.image_size, data.image_size, data.in_channels)
         log.info("device %s, amp %s, %d torch threads, %d loader workers, %d steps/epoch", device,
                  amp_dtype, threads, workers, steps_per_epoch)
-        sampler = EpochSampler(len(data.train), t.seed)
-        train_loader = make_loader(data.train, t.batch_size, sampler=sampler, num_workers=workers,
-                                   device=device, seed=t.seed)
-        val_loader = make_loader(data.val, t.batch_size, num_workers=workers, device=device, seed=t.seed)
-        return _loop(run, out, sampler, train_loader, val_loader, start_epoch, start_batch)
+        batch, val_sampler = t.batch_size // world, None
+        if rank is None:
+            sampler = EpochSampler(len(data.train), t.seed)
+        else:
+            run.model = rank.wrap(model)
+            sampler, val_sampler = rank.sampler(len(data.train), t.seed), rank.shard(len(data.val))
+            log.info("%d ranks (%s): %d of each batch of %d per rank", world, rank.backend, batch, t.batch_size)
+        train_loader = make_loader(data.train, batch, sampler=sampler, num_workers=workers, device=device,
+                                   seed=t.seed)
+        val_loader = make_loader(data.val, batch, sampler=val_sampler, num_workers=workers, device=device,
+                                 seed=t.seed)
+        return _loop(run, sampler, train_loader, val_loader, start_epoch, start_batch)
     finally:
         if run is not None:
             run.metrics.close()
@@ -227,27 +207,11 @@ def train(cfg: TrainConfig, out_dir, *, report=None, should_stop=None, resume: b
         close_log(handlers)
         del run
         gc.collect()
-        if torch.cuda.is_available():
+        if device.type == "cuda":
             torch.cuda.empty_cache()
 
 
-def _restore(run: Run, ckpt: dict) -> tuple[int, int]:
-    run.model.load_state_dict(ckpt["model"])
-    run.optimizer.load_state_dict(ckpt["optimizer"])
-    if run.scheduler is not None and ckpt.get("scheduler"):
-        run.scheduler.load_state_dict(ckpt["scheduler"])
-    if ckpt.get("scaler"):
-        run.scaler.load_state_dict(ckpt["scaler"])
-    runtime.set_rng_state(ckpt["rng"])
-    run.step = run.start_step = int(ckpt["step"])
-    run.latest, run.best = dict(ckpt.get("metrics") or {}), dict(ckpt["best"])
-    run.partial = dict(ckpt.get("partial") or {})
-    run.resumed_from_epoch = int(ckpt["epoch"])
-    run.log.info("resuming from checkpoint at epoch %d (step %d)", ckpt["epoch"], ckpt["step"])
-    return int(ckpt["epoch"]), int(ckpt.get("batch_in_epoch") or 0)
-
-
-def _loop(run: Run, out: Path, sampler, train_loader, val_loader, start_epoch: int, start_batch: int) -> TrainResult:
+def _loop(run: Run, sampler, train_loader, val_loader, start_epoch: int, start_batch: int) -> TrainResult:
     t = run.cfg.training
     run.progress("start", start_epoch + 1)
     status, epoch = "completed", start_epoch
@@ -257,9 +221,9 @@ def _loop(run: Run, out: Path, sampler, train_loader, val_loader, start_epoch: i
         t_epoch = time.monotonic()
         if not train_one_epoch(run, train_loader, epoch, start_batch=skip):
             run.progress("end", epoch)
-            return _result(run, "stopped", epoch - 1, out)
-        sums, run.partial = run.partial, {}
-        val = evaluate(run.model, val_loader, run.device, channels_last=run.cfg.model.channels_last)
+            return _result(run, "stopped", epoch - 1)
+        sums, run.partial = run.totals(run.partial), {}
+        val = _validate(run, val_loader)
         elapsed = time.monotonic() - t_epoch
         run.latest.update(train_loss=sums["loss_sum"] / max(1, sums["steps"]),
                           train_accuracy=sums["correct"] / max(1, sums["seen"]), **val)
@@ -273,25 +237,34 @@ def _loop(run: Run, out: Path, sampler, train_loader, val_loader, start_epoch: i
                      epoch, t.epochs, run.latest["train_loss"], val["val_loss"], val["val_accuracy"],
                      run.best["val_accuracy"], run.best["epoch"], elapsed)
         if improved:
-            _save(run, "best", epoch)
+            save(run, "best", epoch)
         patience = t.early_stopping_patience
         early = patience is not None and epoch - run.best["epoch"] >= patience
         if epoch % t.checkpoint_every == 0 or epoch == t.epochs or early:
-            _save(run, "last", epoch)
+            save(run, "last", epoch)
         run.progress("epoch", epoch)
         if early:
             run.log.info("early stopping: no improvement for %d epochs", patience)
             status = "early_stopped"
             break
     run.progress("end", epoch)
-    return _result(run, status, epoch, out)
+    return _result(run, status, epoch)
 
 
-def _result(run: Run, status: str, epochs_completed: int, out: Path) -> TrainResult:
+def _validate(run: Run, loader) -> dict:
+    """Validation metrics; several ranks evaluate shards with rank 0's buffers and add up the counts."""
+    model = unwrap(run.model)
+    if run.ranks is None:
+        return evaluate(model, loader, run.device, channels_last=run.cfg.model.channels_last)
+    run.ranks.sync_buffers(model)
+    return evaluate(model, loader, run.device, channels_last=run.cfg.model.channels_last, total=run.ranks.total)
+
+
+def _result(run: Run, status: str, epochs_completed: int) -> TrainResult:
     run.log.info("%s after %d epochs, %d steps; best val_accuracy %s", status, epochs_completed, run.step,
                  run.best["val_accuracy"])
     return TrainResult(status, epochs_completed, run.step, dict(run.latest), dict(run.best),
-                       run.resumed_from_epoch, str(out))
+                       run.resumed_from_epoch, str(run.out), run.world_size)
 
 
 def main(argv: list[str] | None = None) -> int:
