@@ -204,13 +204,28 @@ def _record(job: dict, ctx: Context, owner: str, lease: Lease, outcome: Outcome)
 
 
 def run_train(run: JobRun) -> str:
-    """kind=train: ml.train.train into the job's directory (resumes from checkpoints/last.pt)."""
+    """kind=train: ml.train.train into the job's directory (resumes from checkpoints/last.pt).
+
+    With training.processes > 1 this job process starts the ranks (ml.distributed) in its own process
+    group and supervises them: progress and cancel pass through it. A rank that dies or a collective
+    that fails is a lost attempt: the job goes back to the queue and resumes from its last checkpoint.
+    """
     from configs import parse_config
+    from ml.distributed import RankFailed
     from ml.train import train
 
     cfg = parse_config(run.job["config"], "train")
-    result = train(cfg, run.work_dir, report=run.report, should_stop=run.should_stop,
-                   dataset_roots=run.dataset_roots, console=False)
+
+    def report(p: dict) -> None:
+        if p.get("world_size", 1) > 1:  # the job's world size, in its latest metrics
+            p = {**p, "metrics": {**(p.get("metrics") or {}), "world_size": p["world_size"]}}
+        run.report(p)
+
+    try:
+        result = train(cfg, run.work_dir, report=report, should_stop=run.should_stop,
+                       dataset_roots=run.dataset_roots, console=False)
+    except RankFailed as exc:  # a ConnectionError is transient: back to the queue, attempts + 1
+        raise ConnectionError(f"{exc}; the job resumes from its last checkpoint") from exc
     return result.status
 
 
