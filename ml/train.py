@@ -115,16 +115,14 @@ def _resolve(cfg: TrainConfig, data) -> TrainConfig:
 
 
 def train(cfg: TrainConfig, out_dir, *, report=None, should_stop=None, resume: bool = True,
-          dataset_roots: Mapping[str, str] | None = None, console: bool = True,
-          processes: int | str | None = None) -> TrainResult:
+          dataset_roots: Mapping[str, str] | None = None, console: bool = True) -> TrainResult:
     """Train ``cfg`` writing config.yaml, train.log, metrics.jsonl, tensorboard/ and checkpoints/ to ``out_dir``.
 
-    ``processes`` (default: training.processes) > 1 runs that many DDP ranks on this host, started
-    from this process; ``report`` and ``should_stop`` are called here, never in a rank.
+    training.processes > 1 runs that many DDP ranks on this host, started from this process;
+    ``report`` and ``should_stop`` are called here, never in a rank.
     """
     t = cfg.training
-    requested = getattr(t, "processes", 1) if processes is None else processes
-    world, device_type = distributed.resolve_processes(requested, t.device, t.batch_size)
+    world, device_type = distributed.resolve_processes(t.processes, t.device, t.batch_size)
     if world > 1:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         return distributed.launch(train_rank, world, (cfg, str(out_dir), resume, dataset_roots, console),

@@ -2,6 +2,7 @@
 guard, a killed rank, resume at another world size, the sharded sampler, the spawn start method."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import multiprocessing
 import os
@@ -26,11 +27,10 @@ from tests.unit.conftest import read_metrics, tiny_config
 
 # 200 digits -> 160 training images: 5 full batches of 32, so 2 ranks x 16 see exactly the 1-process batches.
 EVEN = ("model.name=mlp", "data.subset=200")
-TIMING = {"time_s", "images_per_s"}
 
 
-def strip(rows):
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+def two_ranks(cfg):
+    return dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, processes=2))
 
 
 def test_two_ranks_match_one_process_at_the_same_global_batch(tmp_path):
@@ -39,7 +39,7 @@ def test_two_ranks_match_one_process_at_the_same_global_batch(tmp_path):
     (relative), validation accuracy equal."""
     cfg = tiny_config(*EVEN, "training.grad_accum_steps=2", "training.grad_clip=0.5")
     one = train(cfg, tmp_path / "one", console=False)
-    two = train(cfg, tmp_path / "two", console=False, processes=2)
+    two = train(two_ranks(cfg), tmp_path / "two", console=False)
     assert two.status == "completed" and two.world_size == 2 and two.step == one.step == 2 * 3
     rows1, rows2 = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [(r["type"], r["step"]) for r in rows1] == [(r["type"], r["step"]) for r in rows2]
@@ -110,13 +110,13 @@ def test_nonfinite_guard_is_agreed_by_every_rank():
 
 def test_a_value_error_in_a_rank_is_the_runs_error(tmp_path):
     with pytest.raises(ValueError, match="num_classes is 3 but the dataset has 10"):
-        train(tiny_config(*EVEN, "model.num_classes=3"), tmp_path, console=False, processes=2)
+        train(tiny_config(*EVEN, "model.num_classes=3", "training.processes=2"), tmp_path, console=False)
 
 
 def test_cancel_stops_every_rank_and_a_two_rank_checkpoint_resumes_at_one(tmp_path):
     cfg = tiny_config(*EVEN, "training.epochs=3")
     # asked before the first step: rank 0 sees it at the first step boundary and every rank stops there
-    stopped = train(cfg, tmp_path / "run", console=False, processes=2, should_stop=lambda: True)
+    stopped = train(two_ranks(cfg), tmp_path / "run", console=False, should_stop=lambda: True)
     assert stopped.status == "stopped" and stopped.step == 1
     last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert last["world_size"] == 2 and last["step"] == 1 and last["batch_in_epoch"] == 1
@@ -158,14 +158,15 @@ def test_a_killed_rank_ends_every_rank_and_the_run_resumes(tmp_path):
         distributed.launch(_train_and_die, 2, (cfg, str(tmp_path), 7))   # in epoch 2
     assert time.monotonic() - t0 < 60 and not multiprocessing.active_children()
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["epoch"] == 1
-    done = train(cfg, tmp_path, console=False, processes=2)
+    done = train(two_ranks(cfg), tmp_path, console=False)
     assert done.status == "completed" and done.resumed_from_epoch == 1 and done.step == 2 * 5
 
 
 def test_amp_grad_checkpointing_and_clipping_under_ddp(tmp_path):
     cfg = tiny_config("data.subset=200", "training.amp=fp16", "training.grad_checkpointing=true",
-                      "training.grad_clip=1.0", "training.grad_accum_steps=2", "training.epochs=1")
-    result = train(cfg, tmp_path, console=False, processes=2)
+                      "training.grad_clip=1.0", "training.grad_accum_steps=2", "training.epochs=1",
+                      "training.processes=2")
+    result = train(cfg, tmp_path, console=False)
     assert result.status == "completed" and result.world_size == 2
     steps = [r for r in read_metrics(tmp_path) if r["type"] == "step"]
     assert steps and all(r["grad_norm"] > 0 for r in steps)
