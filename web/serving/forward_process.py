@@ -17,10 +17,12 @@ request runs at once. Answers are each request's top-k rows. Model registration
 builds its artifacts here too (``build``), so no web process ever loads torch.
 
 By default all web processes of a host share one forward process on a unix socket
-(``Settings.forward_address``): the first web process that needs it starts it (under
-a file lock), it exits when the last one disconnects, and it is started again on the
-next request if it ever dies. ``forward_socket = "private"`` gives each web process
-its own child on a socket pair.
+(``web_client.SocketPlace``: mode 0600 in a directory only Kiln's user can enter, peers
+of another uid refused): the first web process that needs it starts it (under a file
+lock), it exits when the last one disconnects, and it is started again on the next
+request if it ever dies. ``forward_socket = "private"`` gives each web process its own
+child on a socket pair. Messages are wire.py frames (JSON header + raw uint8 bytes), never
+pickles. At most ``--max-models`` model versions stay loaded (least recently used go first).
 """
 from __future__ import annotations
 
@@ -29,18 +31,20 @@ import itertools
 import logging
 import os
 import queue
+import selectors
 import signal
 import socket
 import sys
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import Future
-from multiprocessing.connection import Connection, wait
 
 import numpy as np
 import torch
 
 from ml.inference import Predictor
+from web.serving import wire
 from web.serving.forward_batcher import Batcher
 from worker.registry import write_artifacts
 
@@ -50,15 +54,19 @@ IDLE_EXIT_S = 60.0  # a shared forward process nobody connected to exits after t
 
 
 class _WebProcess:
-    """A connected web process: its connection, a send lock, the models it asked for."""
+    """A connected web process: its socket, a send lock, the models it asked for."""
 
-    def __init__(self, conn: Connection):
-        self.conn, self.lock, self.keys = conn, threading.Lock(), set()
+    def __init__(self, sock: socket.socket):
+        self.sock, self.lock, self.keys = sock, threading.Lock(), set()
 
     def reply(self, rid: int, ok: bool, value) -> None:
+        message = {"id": rid, "ok": True, "value": value} if ok else {"id": rid, "ok": False, "error": value}
         try:
             with self.lock:
-                self.conn.send((rid, ok, value))
+                try:
+                    wire.send(self.sock, message)
+                except (TypeError, ValueError) as exc:  # not JSON (a bug here): the caller still hears of it
+                    wire.send(self.sock, {"id": rid, "ok": False, "error": [type(exc).__name__, str(exc)]})
         except OSError:
             pass  # the web process is gone; the I/O thread sees EOF and forgets it
 
@@ -91,15 +99,17 @@ class _Server:
 
     LONE_MAX_IMAGES = 2
 
-    def __init__(self, workers: int, max_batch_size: int, max_delay_ms: float, device: str, cores: int):
+    def __init__(self, workers: int, max_batch_size: int, max_delay_ms: float, device: str, cores: int,
+                 max_models: int = 4):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.cores = max(1, cores)
+        self.max_models = max(1, max_models)
         torch.set_num_threads(1)
         self.intra = 1  # the main thread's intra-op threads right now
         self.busy = 0   # workers inside a forward pass
         self.batch_ids = itertools.count(1)  # numbers each forward pass (answers carry it)
-        self.models: dict[tuple, Predictor] = {}
-        self.peers: dict[Connection, _WebProcess] = {}
+        self.models: OrderedDict[tuple, Predictor] = OrderedDict()  # least recently used first
+        self.peers: dict[socket.socket, _WebProcess] = {}
         self.lock = threading.Lock()        # models, peers, peer.keys, busy
         self.main = threading.current_thread()  # runs worker 0
         self.local = threading.local()
@@ -111,14 +121,22 @@ class _Server:
 
     # ----------------------------------------------------------- models
     def model(self, key: tuple, path: str) -> Predictor:
-        """The Predictor for ``key``, loading it on first use."""
+        """The Predictor for ``key``, loading it on first use (and dropping the least recently
+        used beyond ``max_models``: a request for one of those loads it again from its path)."""
         with self.lock:
             predictor = self.models.get(key)
-        if predictor is None:
-            predictor = Predictor.from_checkpoint(path, device=self.device)
-            with self.lock:
-                predictor = self.models.setdefault(key, predictor)
-            log.info("loaded model %s version %s from %s", key[0], key[1], path)
+            if predictor is not None:
+                self.models.move_to_end(key)
+                return predictor
+        predictor = Predictor.from_checkpoint(path, device=self.device)
+        with self.lock:
+            predictor = self.models.setdefault(key, predictor)
+            self.models.move_to_end(key)
+            evicted = [self.models.popitem(last=False)[0] for _ in range(len(self.models) - self.max_models)]
+        log.info("loaded model %s version %s from %s", key[0], key[1], path)
+        for old in evicted:  # a forward pass still running on it keeps its own reference
+            log.info("unloaded model %s version %s (least recently used; --max-models %d)", old[0], old[1],
+                     self.max_models)
         return predictor
 
     def release(self, key: tuple, peer: _WebProcess) -> None:
@@ -131,17 +149,17 @@ class _Server:
         if dropped is not None:  # a request still queued for it loads it again from its path
             log.info("unloaded model %s version %s", key[0], key[1])
 
-    def add(self, conn: Connection) -> None:
+    def add(self, sock: socket.socket) -> None:
         with self.lock:
-            self.peers[conn] = _WebProcess(conn)
+            self.peers[sock] = _WebProcess(sock)
 
-    def forget(self, conn: Connection) -> None:
+    def forget(self, sock: socket.socket) -> None:
         with self.lock:
-            peer = self.peers.pop(conn, None)
+            peer = self.peers.pop(sock, None)
         if peer is not None:
             for key in list(peer.keys):
                 self.release(key, peer)
-        conn.close()
+        sock.close()
 
     # ---------------------------------------------------------- forwards
     def _run_batch(self, requests: list[_ForwardRequest]) -> list[dict]:
@@ -188,18 +206,29 @@ class _Server:
             self.intra = want
 
     # ---------------------------------------------------------- messages
-    def handle(self, peer: _WebProcess, message: tuple) -> None:
-        rid, op = message[0], message[1]
-        if op != "run":
-            self.control.put((peer, message))
+    def handle(self, peer: _WebProcess, header: dict, array) -> None:
+        """One request frame: {"id", "op", "args"} (+ the inputs of a "run")."""
+        rid, op, args = header.get("id"), header.get("op"), header.get("args")
+        if not isinstance(args, list):
+            peer.reply(rid, False, ["ProtocolError", "a request needs an args list"])
             return
-        _, _, key, path, arrays, top_k = message
-        with self.lock:
-            loaded = key in self.models
-        if not loaded:  # first use (or a restarted process): load on the control thread
-            self.control.put((peer, message))
+        if op == "run":
+            try:
+                key, path, top_k = _key(args[0]), str(args[1]), int(args[2])
+                if array is None or array.ndim != 4:
+                    raise ValueError("a run carries uint8 inputs [N,S,S,C]")
+            except (IndexError, TypeError, ValueError) as exc:
+                peer.reply(rid, False, ["ProtocolError", f"bad run request: {exc}"])
+                return
+            req = _ForwardRequest(peer, rid, key, path, array, top_k)
+            with self.lock:
+                loaded = key in self.models
+            if loaded:
+                self._submit(peer, req)
+            else:  # first use (or a restarted process): load on the control thread
+                self.control.put((peer, rid, "run", req))
             return
-        self._submit(peer, _ForwardRequest(peer, rid, key, path, arrays, top_k))
+        self.control.put((peer, rid, op, args))
 
     def _submit(self, peer: _WebProcess, req: _ForwardRequest) -> None:
         with self.lock:
@@ -207,39 +236,40 @@ class _Server:
         try:
             fut = self.batcher.submit(req)
         except Exception as exc:  # noqa: BLE001 - QueueFull, closed: named to the caller
-            peer.reply(req.rid, False, (type(exc).__name__, str(exc)))
+            peer.reply(req.rid, False, [type(exc).__name__, str(exc)])
             return
         fut.add_done_callback(lambda f: _answer(peer, req.rid, f))
 
     def _control_loop(self) -> None:
         while True:
-            peer, message = self.control.get()
-            rid, op, args = message[0], message[1], message[2:]
+            peer, rid, op, args = self.control.get()  # args: the request's list, or a run's _ForwardRequest
             try:
                 if op == "run":
-                    key, path, arrays, top_k = args
-                    self.model(key, path)
-                    self._submit(peer, _ForwardRequest(peer, rid, key, path, arrays, top_k))
+                    self.model(args.key, args.path)
+                    self._submit(peer, args)
                     continue
                 if op == "load":
-                    key, path = args
+                    key, path = _key(args[0]), str(args[1])
                     predictor = self.model(key, path)
                     with self.lock:
                         peer.keys.add(key)
                     result = predictor.describe()
                 elif op == "unload":
-                    self.release(args[0], peer)
+                    self.release(_key(args[0]), peer)
                     result = None
                 elif op == "build":
-                    src, out_dir, meta = args
+                    src, out_dir, meta = str(args[0]), str(args[1]), dict(args[2])
                     result = write_artifacts(src, out_dir, **meta)
                 elif op == "ping":
                     result = os.getpid()
+                elif op == "models":
+                    with self.lock:
+                        result = [list(k) for k in self.models]
                 else:
                     raise ValueError(f"unknown operation {op!r}")
                 peer.reply(rid, True, result)
             except Exception as exc:  # noqa: BLE001 - every failure goes back to its caller, named
-                peer.reply(rid, False, (type(exc).__name__, str(exc)))
+                peer.reply(rid, False, [type(exc).__name__, str(exc)])
 
     # ------------------------------------------------------------ loop
     def run(self, listener: socket.socket | None, path: str | None = None) -> None:
@@ -260,32 +290,71 @@ class _Server:
         started, had_peers = time.monotonic(), False
         while True:
             with self.lock:
-                conns = list(self.peers)
-            if not conns:
+                socks = list(self.peers)
+            if not socks:
                 if listener is None:
                     return
                 if had_peers or time.monotonic() - started > IDLE_EXIT_S:
                     _unlink_if_ours(path, self.path_inode)  # newcomers start a new forward process
-                    for conn in _accept_pending(listener):  # ...and any that raced in get answers
-                        self.add(conn)
+                    for sock in _accept_pending(listener):  # ...and any that raced in get answers
+                        self.add(sock)
                     listener.close()
                     listener = None
                     continue
-            for r in wait(conns + ([listener] if listener is not None else []), timeout=1.0):
+            for r in _ready(socks + ([listener] if listener is not None else []), timeout=1.0):
                 if r is listener:
-                    sock, _ = listener.accept()
-                    self.add(Connection(sock.detach()))
-                    had_peers = True
+                    sock = _accept(listener)
+                    if sock is not None:
+                        self.add(sock)
+                        had_peers = True
                     continue
                 try:
-                    message = r.recv()
-                except (EOFError, OSError):
+                    header, array = wire.recv(r)
+                except (EOFError, OSError) as exc:  # gone, or a frame that breaks the protocol
+                    if not isinstance(exc, EOFError):
+                        log.warning("dropping a web process connection: %s", exc)
                     self.forget(r)
                     continue
                 with self.lock:
                     peer = self.peers.get(r)
                 if peer is not None:
-                    self.handle(peer, message)
+                    self.handle(peer, header, array)
+
+
+def _key(value) -> tuple[str, int]:
+    """A model key as the wire carries it, [name, version] -> (name, version)."""
+    name, version = value
+    if not isinstance(name, str) or type(version) is not int:
+        raise ValueError(f"a model key is [name, version], got {value!r}")
+    return name, version
+
+
+def _ready(socks: list[socket.socket], timeout: float) -> list[socket.socket]:
+    with selectors.DefaultSelector() as sel:
+        for sock in socks:
+            sel.register(sock, selectors.EVENT_READ)
+        return [key.fileobj for key, _ in sel.select(timeout)]
+
+
+def _accept(listener: socket.socket) -> socket.socket | None:
+    """The next connection, if it comes from this user (the socket's mode says so already; this checks)."""
+    try:
+        sock, _ = listener.accept()
+    except OSError:
+        return None
+    sock.setblocking(True)
+    try:
+        wire.check_peer(sock)
+    except OSError as exc:
+        log.warning("refused a connection: %s", exc)
+        sock.close()
+        return None
+    try:
+        wire.greet(sock)
+    except OSError:
+        sock.close()
+        return None
+    return sock
 
 
 def _answer(peer: _WebProcess, rid: int, fut: Future) -> None:
@@ -293,19 +362,25 @@ def _answer(peer: _WebProcess, rid: int, fut: Future) -> None:
     if exc is None:
         peer.reply(rid, True, fut.result())
     else:
-        peer.reply(rid, False, (type(exc).__name__, str(exc)))
+        peer.reply(rid, False, [type(exc).__name__, str(exc)])
 
 
-def _accept_pending(listener: socket.socket) -> list[Connection]:
+def _accept_pending(listener: socket.socket) -> list[socket.socket]:
     out = []
     listener.setblocking(False)
     while True:
         try:
             sock, _ = listener.accept()
-        except OSError:
+        except OSError:  # BlockingIOError: none left
             return out
         sock.setblocking(True)
-        out.append(Connection(sock.detach()))
+        try:
+            wire.check_peer(sock)
+            wire.greet(sock)
+        except OSError:
+            sock.close()
+            continue
+        out.append(sock)
 
 
 def _unlink_if_ours(path: str | None, inode: int | None) -> None:
@@ -321,6 +396,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--workers", type=int, default=1, help="forward workers (one intra-op thread each)")
     ap.add_argument("--max-batch-size", type=int, default=32)
     ap.add_argument("--max-delay-ms", type=float, default=5.0)
+    ap.add_argument("--max-models", type=int, default=4, help="model versions kept loaded (least recently used go)")
     ap.add_argument("--device", default="")
     ap.add_argument("--cores", type=int, default=os.cpu_count() or 1,
                     help="intra-op threads a lone request may use when every other worker is idle")
@@ -330,16 +406,13 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the web tier; we follow when it disconnects
     logging.basicConfig(level=logging.INFO, format="%(asctime)s forward[%(process)d] %(levelname)s %(message)s")
-    server = _Server(args.workers, args.max_batch_size, args.max_delay_ms, args.device, args.cores)
-    if args.fd is not None:
-        server.add(Connection(args.fd))
+    listener = None if args.listen is None else wire.bind_private(args.listen)  # before any thread starts
+    server = _Server(args.workers, args.max_batch_size, args.max_delay_ms, args.device, args.cores,
+                     max_models=args.max_models)
+    if listener is None:
+        server.add(socket.socket(fileno=args.fd))
         server.run(None)
         return 0
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    tmp = f"{args.listen}.{os.getpid()}"
-    listener.bind(tmp)
-    listener.listen(64)
-    os.replace(tmp, args.listen)  # atomically take over the path (a stale socket file is replaced)
     server.path_inode = os.stat(args.listen).st_ino
     try:
         server.run(listener, args.listen)

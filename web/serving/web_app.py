@@ -10,12 +10,18 @@ import threading
 from flask import current_app
 
 from web import context
-from web.serving.web_client import ForwardClient, ForwardError
+from web.serving.web_client import ForwardClient, ForwardError, SocketPlace
 from web.serving.web_models import ModelCache
 from worker.errors import InvalidInput
 
 EXTENSION = "kiln.serving"
+MAX_LOADED_MODELS = 4  # model versions a forward process keeps loaded, unless settings say otherwise
 _lock = threading.Lock()
+
+
+def max_loaded_models(settings) -> int:
+    """Model versions kept loaded in the forward process (and tracked per web process), LRU beyond."""
+    return max(1, int(getattr(settings, "max_loaded_models", MAX_LOADED_MODELS)))
 
 
 def forward_workers(settings) -> int:
@@ -25,7 +31,7 @@ def forward_workers(settings) -> int:
     if settings.forward_workers > 0:
         return settings.forward_workers
     cores = os.cpu_count() or 1
-    if settings.forward_address is not None:
+    if settings.forward_socket != "private":
         return cores
     workers = int(os.environ.get("WEB_CONCURRENCY", "1") or 1)  # set by gunicorn deployments
     return max(1, cores // max(1, workers))
@@ -35,9 +41,11 @@ class Serving:
     """The forward connection of this web process and the model versions it serves through it."""
 
     def __init__(self, settings, resolve):
+        loaded = max_loaded_models(settings)
         self.forward = ForwardClient(workers=forward_workers(settings), max_batch_size=settings.max_batch_size,
-                                     max_delay_ms=settings.max_delay_ms, address=settings.forward_address)
-        self.models = ModelCache(resolve, self.forward, refresh_s=settings.model_refresh_s)
+                                     max_delay_ms=settings.max_delay_ms, max_models=loaded,
+                                     address=SocketPlace.from_settings(settings))
+        self.models = ModelCache(resolve, self.forward, refresh_s=settings.model_refresh_s, max_loaded=loaded)
 
     def build_artifacts(self, src, out_dir, **meta) -> dict:
         """``worker.registry.write_artifacts`` for ``Registry.register_model(build=...)``, in the forward process.

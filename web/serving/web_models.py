@@ -1,6 +1,7 @@
 """Web process: ``ModelCache`` maps model references to versions loaded in the forward process (``RemoteModel``).
 
-It follows alias moves without failing a request and evicts versions nobody asked for lately.
+It follows alias moves without failing a request and keeps at most ``max_loaded`` versions
+(least recently used go first, and the references that pointed at them are forgotten).
 """
 from __future__ import annotations
 
@@ -55,6 +56,9 @@ class ModelCache:
     with an explicit version never changes; "name" and "name@alias" are re-resolved
     at most every ``refresh_s``. When one moves, the new version loads in the
     background while the old one keeps answering; then the ref switches over.
+    Beyond ``max_loaded`` versions the least recently used is dropped here and in the
+    forward process, whatever refers to it: a client walking through every version
+    costs loads, never memory.
     """
 
     def __init__(self, resolve: Callable[[str], dict], forward: ForwardClient, *, refresh_s: float = 2.0,
@@ -123,6 +127,7 @@ class ModelCache:
     def _load(self, key: tuple[str, int], info: dict) -> Served:
         with self._lock:
             if key in self._models:
+                self._models[key] = self._models.pop(key)  # most recently used
                 return self._models[key]
             lock = self._load_locks.setdefault(key, threading.Lock())
         with lock:  # one load per version; requests for other models are not blocked
@@ -141,14 +146,23 @@ class ModelCache:
             return served
 
     def _evict(self) -> list[Served]:
-        in_use = {r.key for r in self._refs.values()} | {r.loading for r in self._refs.values()}
+        """Drop the least recently used versions beyond ``max_loaded`` (lock held) and the refs to them."""
+        swapping = {r.loading for r in self._refs.values() if r.loading is not None}
         out = []
         for k in list(self._models):
             if len(self._models) <= self.max_loaded:
                 break
-            if k not in in_use:
+            if k not in swapping:
                 out.append(self._models.pop(k))
+        gone = {(s.name, s.version) for s in out}
+        for ref in [ref for ref, r in self._refs.items() if r.key in gone and r.loading is None]:
+            del self._refs[ref]  # its next request resolves and loads it again
         return out
+
+    def loaded(self) -> list[tuple[str, int]]:
+        """The versions this process serves now, least recently used first."""
+        with self._lock:
+            return list(self._models)
 
     def clear(self) -> None:
         """Forget every loaded version and ref (the forward connection stays with its owner)."""
