@@ -12,22 +12,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, OperationalError
 
+from configs.names import NAME_RE, is_id, parse_model_ref
+from ml.files import atomic_write
+from worker import db
+from worker.clock import iso, utcnow
 from worker.errors import Conflict, InvalidInput, NotFound
 from worker.storage import Storage, sha256_file
 
-NAME_RE = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
-REF_RE = re.compile(rf"^(?P<name>{NAME_RE})(?::(?P<version>[0-9]{{1,9}})|@(?P<alias>{NAME_RE}))?$")
 DEFAULT_ALIAS = "production"  # what a bare "name" resolves to when set; else the latest version
+MAX_VERSION = 10**9 - 1       # versions are configs.names.VERSION: at most 9 digits
 SLIM_KEYS = ("config", "classes", "normalization", "image_size", "in_channels", "metrics", "best", "versions")
 
 
@@ -36,41 +37,38 @@ def model_prefix(name: str, version: int) -> str:
 
 
 def parse_ref(ref: str) -> tuple[str, int | None, str | None]:
-    """'name' | 'name:3' | 'name@production' -> (name, version or None, alias or None)."""
-    m = REF_RE.match(ref or "")
-    if not m:
-        raise InvalidInput(f"model reference {ref!r} must be name, name:version or name@alias")
-    return m["name"], int(m["version"]) if m["version"] else None, m["alias"]
+    """'name' | 'name:3' | 'name@production' -> (name, version or None, alias or None); InvalidInput otherwise."""
+    parsed = parse_model_ref(ref)
+    if parsed is None:
+        raise InvalidInput(f"model reference {_shown(ref)} must be name, name:version or name@alias",
+                           [{"field": "model", "message": f"must match {NAME_RE} with :version or @alias"}])
+    return parsed
 
 
-def _check_name(value: str, what: str) -> None:
-    if not isinstance(value, str) or not re.fullmatch(NAME_RE, value):
-        raise InvalidInput(f"{what} {value!r} must be 1-64 letters, digits, '_', '.' or '-' "
+def is_name(value) -> bool:
+    """Whether ``value`` can name a model or an alias (checked before any query: PostgreSQL refuses NUL)."""
+    return isinstance(value, str) and re.fullmatch(NAME_RE, value) is not None
+
+
+def _check_name(value, what: str) -> None:
+    if not is_name(value):
+        raise InvalidInput(f"{what} {_shown(value)} must be 1-64 letters, digits, '_', '.' or '-' "
                            "(starting with a letter or digit)", [{"field": what, "message": f"must match {NAME_RE}"}])
 
 
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
+def _check_version(version) -> None:
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise InvalidInput("version must be an integer", [{"field": "version", "message": "must be an integer"}])
+    if not 1 <= version <= MAX_VERSION:
+        shown = version if abs(version) < 10**12 else f"a {len(str(abs(version)))}-digit number"
+        raise InvalidInput(f"version must be between 1 and {MAX_VERSION}, got {shown}",
+                           [{"field": "version", "message": f"must be between 1 and {MAX_VERSION}"}])
 
 
-def _iso(value) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return value
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    return value.isoformat().replace("+00:00", "Z")
-
-
-def _table(name: str, orm_class: str) -> sa.Table:
-    """The worker store's table, whether worker.db exposes Core tables or ORM classes."""
-    from worker import db
-
-    table = getattr(db, name, None)
-    if isinstance(table, sa.Table):
-        return table
-    return getattr(db, orm_class).__table__
+def _shown(value) -> str:
+    """A client's value for an error message: repr, cut short (NULs and newlines escaped)."""
+    text = repr(value) if isinstance(value, str) else type(value).__name__
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def write_artifacts(src: str | Path, out_dir: str | Path, *, name: str, job_id: str | None,
@@ -107,20 +105,13 @@ class Registry:
     def __init__(self, engine: sa.Engine, storage, *, cache_dir: str | Path, max_retries: int = 20):
         self.engine, self.storage = engine, storage
         self.cache_dir = Path(cache_dir)
-        self.versions = _table("model_versions", "ModelVersion")
-        self.aliases = _table("model_aliases", "ModelAlias")
-        self.jobs = _table("jobs", "Job")
+        self.versions, self.aliases, self.jobs = db.model_versions, db.model_aliases, db.jobs
         self.max_retries = max_retries
 
     @classmethod
     def from_settings(cls, settings, *, engine: sa.Engine | None = None, storage=None) -> "Registry":
         """A Registry on the settings' job store and artifact storage (pass the facade's if it has them)."""
-        from worker import db
-
-        if engine is None:
-            make = getattr(db, "make_engine", None) or getattr(db, "create_engine", None) or getattr(db, "engine")
-            engine = make(settings)
-        return cls(engine, storage if storage is not None else Storage(settings.storage),
+        return cls(engine if engine is not None else db.make_engine(settings), storage if storage is not None else Storage(settings.storage),
                    cache_dir=settings.cache_path)
 
     # ------------------------------------------------------------- register
@@ -131,8 +122,11 @@ class Registry:
         forward process.
         """
         _check_name(name, "name")
+        if not is_id(job_id):
+            raise InvalidInput(f"job_id {_shown(job_id)} is not a job id (32 lowercase hex digits)",
+                               [{"field": "job_id", "message": "must be a job id (32 lowercase hex digits)"}])
         if checkpoint not in ("best", "last"):
-            raise InvalidInput(f"checkpoint must be best or last, got {checkpoint!r}",
+            raise InvalidInput(f"checkpoint must be best or last, got {_shown(checkpoint)}",
                                [{"field": "checkpoint", "message": "must be best or last"}])
         with self.engine.connect() as conn:
             job = conn.execute(sa.select(self.jobs.c.status, self.jobs.c.kind)
@@ -161,7 +155,7 @@ class Registry:
 
     def _insert_version(self, name, job_id, checkpoint, built: Path, card) -> dict:
         for _ in range(self.max_retries):
-            created = _now()
+            created = utcnow()
             try:
                 # The uncommitted row reserves (name, version): a concurrent insert of the same
                 # number waits for us and then fails the unique constraint, so only this
@@ -170,11 +164,10 @@ class Registry:
                     latest = conn.execute(sa.select(sa.func.max(self.versions.c.version))
                                           .where(self.versions.c.name == name)).scalar()
                     version = (latest or 0) + 1
-                    card = {**card, "version": version, "created_at": _iso(created)}
+                    card = {**card, "version": version, "created_at": iso(created)}
                     conn.execute(self.versions.insert().values(
                         name=name, version=version, job_id=job_id, checkpoint=checkpoint,
-                        card=self._column_value("card", card), sha256=card["sha256"],
-                        created_at=self._column_value("created_at", created)))
+                        card=card, sha256=card["sha256"], created_at=created))
                     prefix = model_prefix(name, version)
                     self.storage.put_file(built / "model.pt", f"{prefix}/model.pt")
                     self.storage.put_file(built / "model.safetensors", f"{prefix}/model.safetensors")
@@ -189,18 +182,11 @@ class Registry:
             return self.get_version(name, version)
         raise Conflict(f"could not allocate a version of {name} after {self.max_retries} attempts; retry")
 
-    def _column_value(self, column: str, value):
-        """Adapt to the store's column types (JSON or text card; DateTime or text timestamp)."""
-        kind = self.versions.c[column].type
-        if column == "card":
-            return value if isinstance(kind, sa.JSON) else json.dumps(value)
-        return value if isinstance(kind, sa.DateTime) else _iso(value)
-
     # ------------------------------------------------------------------ read
     def _version_dict(self, row, aliases: list[str]) -> dict:
-        card = json.loads(row.card) if isinstance(row.card, str) else (row.card or {})
+        card = row.card or {}
         return {"name": row.name, "version": row.version, "job_id": row.job_id, "checkpoint": row.checkpoint,
-                "sha256": row.sha256, "created_at": _iso(row.created_at), "aliases": sorted(aliases),
+                "sha256": row.sha256, "created_at": iso(row.created_at), "aliases": sorted(aliases),
                 "metrics": card.get("metrics", {}), "best": card.get("best", {}), "classes": card.get("classes"),
                 "model": (card.get("config") or {}).get("model", {}).get("name")}
 
@@ -216,6 +202,9 @@ class Registry:
 
     def get_model(self, name: str) -> dict:
         """One model with its versions and aliases; NotFound when it has no version."""
+        if not is_name(name):
+            raise NotFound(f"model {_shown(name)} not found: a model name is 1-64 letters, digits, '_', '.' "
+                           "or '-'", code="bad_model_name")
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(self.versions).where(self.versions.c.name == name)
                                 .order_by(self.versions.c.version)).all()
@@ -233,9 +222,11 @@ class Registry:
     # --------------------------------------------------------------- aliases
     def set_alias(self, name: str, alias: str, version: int) -> dict:
         """Point ``alias`` of ``name`` at ``version`` (creating or moving it); returns the model."""
+        if not is_name(name):
+            raise NotFound(f"model {_shown(name)} not found: a model name is 1-64 letters, digits, '_', '.' "
+                           "or '-'", code="bad_model_name")
         _check_name(alias, "alias")
-        if isinstance(version, bool) or not isinstance(version, int):
-            raise InvalidInput("version must be an integer", [{"field": "version", "message": "must be an integer"}])
+        _check_version(version)
         for _ in range(self.max_retries):
             try:
                 with self.engine.begin() as conn:
@@ -282,8 +273,8 @@ class Registry:
                 self.versions.c.name == name, self.versions.c.version == version)).first()
             if vrow is None:
                 self._raise_missing_version(conn, name, version)
-        card = json.loads(vrow.card) if isinstance(vrow.card, str) else vrow.card
-        return {"name": name, "version": version, "path": str(self._fetch(name, version, vrow.sha256)), "card": card}
+        return {"name": name, "version": version, "path": str(self._fetch(name, version, vrow.sha256)),
+                "card": vrow.card}
 
     def _has_model(self, conn, name: str) -> bool:
         return conn.execute(sa.select(self.versions.c.version).where(self.versions.c.name == name)
@@ -300,16 +291,11 @@ class Registry:
         target = self.cache_dir / "models" / name / str(version) / "model.pt"
         if target.exists():
             return target  # versions are immutable: a verified cached copy stays valid
-        target.parent.mkdir(parents=True, exist_ok=True)
         with self.storage.open(path, "rb") as src:
             data = src.read()
         if hashlib.sha256(data).hexdigest() != sha256:
             raise Conflict(f"model {name}:{version}: {path} does not match its recorded sha256")
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".model-")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, target)
-        return target
+        return atomic_write(target, data)
 
     def _local_copy(self, path: str):
         """Context manager: a local file for a storage path (temp download for remote storage)."""
