@@ -1,24 +1,25 @@
-"""POST /predict: decode and validate inputs in the request thread, classify them in the forward process.
+"""POST /predict: check and decode inputs in the request thread, classify them in the forward process.
 
-One bad image fails only its own request; the web process never imports torch (web/serving/).
+Every input's size is known before any is decoded (image headers, list lengths), so a request
+over its pixel budget costs no memory; inputs are then decoded one at a time, each shrunk to
+the model's size before the next. One bad image fails only its own request; the web process
+never imports torch (web/serving/).
 """
 from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
-import math
 import re
 import warnings
 from concurrent.futures import TimeoutError as FutureTimeout
 
 import numpy as np
 from flask import Blueprint, current_app, request
-from PIL import Image, UnidentifiedImageError
-from werkzeug.exceptions import RequestEntityTooLarge
+from PIL import Image
 
-from configs.schema import MODEL_REF_RE
+from configs.names import MODEL_REF_RE
+from ml import images
 from web import context
 from web.metrics import observe_batch, observe_queue_wait
 from web.serving.web_app import serving
@@ -36,35 +37,17 @@ def _bombs_are_errors(state) -> None:
 
 
 PREDICT_TIMEOUT_S = 30.0  # a request waits this long for its batch, then answers 503
+# Decoded pixels one request may hold (sum of width x height; a number of a JSON pixel array
+# counts as one) unless Settings.max_predict_pixels says otherwise: 32 Mpx, one large photo
+# or 64 inputs of 724x724, at most ~128 MiB decoded.
+MAX_PREDICT_PIXELS = 32 * 2**20
 
 
-# ---------------------------------------------------------------- decoding
-
-def decode_image(data: bytes, index: int, max_pixels: int) -> Image.Image:
-    """Bytes -> fully decoded PIL image; 4xx errors name the input and the problem."""
-    if not data:
-        raise InvalidInput(f"input {index}: empty image", code="empty_image")
-    try:
-        image = Image.open(io.BytesIO(data))  # reads the header only
-        width, height = image.size
-        if width * height > max_pixels:
-            raise _too_many_pixels(index, width, height, max_pixels)
-        image.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise _too_many_pixels(index, None, None, max_pixels) from None
-    except UnidentifiedImageError:
-        raise InvalidInput(f"input {index}: not an image PIL can read (send PNG, JPEG, ...)",
-                           code="not_an_image") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise InvalidInput(f"input {index}: truncated or corrupt image ({exc})", code="corrupt_image") from None
-    return image
+def pixel_budget(settings) -> int:
+    return int(getattr(settings, "max_predict_pixels", MAX_PREDICT_PIXELS))
 
 
-def _too_many_pixels(index, width, height, max_pixels) -> InvalidInput:
-    size = f" ({width}x{height})" if width else ""
-    return InvalidInput(f"input {index}: image{size} has more than {max_pixels} pixels; "
-                        "resize it before sending", code="image_too_large")
-
+# ---------------------------------------------------------------- inputs
 
 def _b64(text: str, index: int) -> bytes:
     if text.startswith("data:"):
@@ -75,62 +58,118 @@ def _b64(text: str, index: int) -> bytes:
         raise InvalidInput(f"input {index}: string is not valid base64", code="invalid_base64") from None
 
 
-def _check_numbers(value, index: int, depth: int = 0) -> None:
-    """Nested lists of finite numbers only (the Predictor checks the shape)."""
-    if depth > 3:
-        raise InvalidInput(f"input {index}: too deeply nested; expected [H][W] or [H][W][C]", code="bad_shape")
-    for v in value:
-        if isinstance(v, list):
-            _check_numbers(v, index, depth + 1)
-        elif isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise InvalidInput(f"input {index}: pixel arrays hold numbers, found {type(v).__name__}",
-                               code="bad_shape")
-        elif not math.isfinite(v):
-            raise InvalidInput(f"input {index}: contains NaN or Inf", code="not_finite")
+def _open(data: bytes, index: int, max_pixels: int) -> Image.Image:
+    """Bytes -> a PIL image of an allowed format whose header only has been read (4xx names the problem)."""
+    if not data:
+        raise InvalidInput(f"input {index}: empty image", code="empty_image")
+    try:
+        return images.open_image(data, max_pixels, f"input {index}")
+    except images.ImageError as exc:
+        raise InvalidInput(str(exc), code=exc.code) from None
+
+
+def _numbers(value: list, index: int) -> int:
+    """Nested lists of numbers (JSON pixel arrays) -> how many numbers; the shape is checked when decoded.
+
+    Iterative, one level at a time (no recursion on client data), and only four levels deep.
+    """
+    level = [value]
+    for _ in range(4):
+        kinds: set[type] = set()
+        for items in level:
+            kinds.update(map(type, items))
+        if kinds <= {int, float}:
+            return sum(map(len, level))
+        if kinds != {list}:
+            other = sorted(k.__name__ for k in kinds - {int, float, list})
+            if other:
+                raise InvalidInput(f"input {index}: pixel arrays hold numbers, found {other[0]}", code="bad_shape")
+            raise InvalidInput(f"input {index}: numbers and lists side by side; expected [H][W] or [H][W][C] "
+                               "nested lists (a rectangular array)", code="bad_shape")
+        level = [v for items in level for v in items]
+    raise InvalidInput(f"input {index}: too deeply nested; expected [H][W] or [H][W][C]", code="bad_shape")
+
+
+def _body_items(settings) -> list:
+    """The request's raw inputs in order: bytes (encoded images), str (base64) or nested lists."""
+    mimetype = request.mimetype or ""
+    if mimetype == "multipart/form-data":
+        items = [f.read() for f in request.files.getlist("image")]
+        if not items:
+            raise BadRequest("multipart body has no `image` field; send files as image=@file.png")
+        return items
+    if mimetype.startswith("image/") or mimetype == "application/octet-stream":
+        return [request.get_data(cache=False)]
+    if mimetype == "application/json":
+        # Every number of a pixel array but the last of a row is followed by a comma: a body with
+        # more commas than the budget has pixels is refused before parsing makes an object of each.
+        commas = request.get_data(cache=True).count(b",")
+        if commas > pixel_budget(settings) + 4 * settings.max_predict_images:
+            raise _over_budget(commas, pixel_budget(settings), "comma-separated JSON values")
+        body = request.get_json()  # malformed or too deeply nested: 400 from web/errors
+        if not isinstance(body, dict) or not isinstance(body.get("instances"), list):
+            raise BadRequest('JSON body must be {"instances": [...]} with base64 images or pixel arrays')
+        return body["instances"]
+    raise UnsupportedMediaType(f"unsupported content type {mimetype or '(none)'}; send multipart "
+                               "`image` fields, a raw image/* body or JSON {\"instances\": [...]}")
+
+
+def _over_budget(total: int, budget: int, what: str = "pixels") -> PayloadTooLarge:
+    return PayloadTooLarge(f"the request holds {total} {what}; the limit per request is {budget} "
+                           "(KILN_MAX_PREDICT_PIXELS): send fewer or smaller images", code="too_many_pixels",
+                           details={"pixels": total, "limit": budget})
 
 
 def read_inputs(settings) -> list:
-    """The request's inputs, in order: PIL images or nested pixel lists."""
-    limit = settings.max_predict_images
-    if request.content_length is not None and request.content_length > settings.max_request_bytes:
-        raise PayloadTooLarge(f"request body is {request.content_length} bytes; the limit is "
-                              f"{settings.max_request_bytes}")
-    request.max_content_length = settings.max_request_bytes  # also bounds chunked bodies
-    mimetype = request.mimetype or ""
-    if mimetype == "multipart/form-data":
-        raws = [f.read() for f in request.files.getlist("image")]
-        if not raws:
-            raise BadRequest("multipart body has no `image` field; send files as image=@file.png")
-        items = raws
-    elif mimetype.startswith("image/") or mimetype == "application/octet-stream":
-        items = [request.get_data(cache=False)]
-    elif mimetype == "application/json":
-        body = request.get_json(silent=True)
-        if not isinstance(body, dict) or not isinstance(body.get("instances"), list):
-            raise BadRequest('JSON body must be {"instances": [...]} with base64 images or pixel arrays')
-        items = body["instances"]
-    else:
-        raise UnsupportedMediaType(f"unsupported content type {mimetype or '(none)'}; send multipart "
-                                   "`image` fields, a raw image/* body or JSON {\"instances\": [...]}")
+    """The request's inputs, in order: PIL images (headers read, pixels not decoded) or nested pixel lists.
+
+    Refuses, before decoding anything, more than ``max_predict_images`` inputs, an image over
+    ``max_image_pixels`` and a request whose inputs hold more than the pixel budget.
+    """
+    items = _body_items(settings)
     if not items:
         raise BadRequest("no inputs: send at least one image")
+    limit = settings.max_predict_images
     if len(items) > limit:
         raise InvalidInput(f"{len(items)} images in one request; the limit is {limit}", code="too_many_images")
-    out = []
+    budget = pixel_budget(settings)
+    per_image = min(settings.max_image_pixels, budget)
+    out, total = [], 0
     for i, item in enumerate(items):
         if isinstance(item, dict) and isinstance(item.get("b64"), str):
             item = item["b64"]
         if isinstance(item, (bytes, bytearray)):
-            out.append(decode_image(bytes(item), i, settings.max_image_pixels))
+            item = _open(bytes(item), i, per_image)
         elif isinstance(item, str):
-            out.append(decode_image(_b64(item, i), i, settings.max_image_pixels))
-        elif isinstance(item, list):
-            _check_numbers(item, i)
-            out.append(item)
-        else:
+            item = _open(_b64(item, i), i, per_image)
+        elif not isinstance(item, list):
             raise InvalidInput(f"input {i}: expected a base64 image string or a nested list of pixels, "
                                f"got {type(item).__name__}", code="bad_input")
+        total += item.width * item.height if isinstance(item, Image.Image) else _numbers(item, i)
+        if total > budget:
+            raise _over_budget(total, budget)
+        out.append(item)
     return out
+
+
+def _prepare(served, inputs: list) -> np.ndarray:
+    """The inputs decoded one at a time through ``served``'s eval transform (size, channels): uint8 [N,S,S,C].
+
+    Each image is shrunk and closed before the next is decoded: at most one full-size image in memory.
+    """
+    arrays = []
+    for i, x in enumerate(inputs):
+        try:
+            if isinstance(x, Image.Image):
+                with x:
+                    arrays.append(served.model.prepare(images.load_image(x, f"input {i}"), i))
+            else:
+                arrays.append(served.model.prepare(x, i))
+        except images.ImageError as exc:
+            raise InvalidInput(str(exc), code=exc.code) from None
+        except ValueError as exc:
+            raise InvalidInput(str(exc), code="bad_input") from None
+    return np.stack(arrays)
 
 
 # ------------------------------------------------------------------- route
@@ -152,41 +191,26 @@ def predict():
                          "(or set KILN_DEFAULT_MODEL)")
     if not re.fullmatch(MODEL_REF_RE, ref):
         raise InvalidInput(f"model reference {ref!r} is not name, name:version or name@alias", code="bad_model_ref")
-    served, rows = _run(ref, settings)
+    inputs = read_inputs(settings)  # sizes checked before the model is even looked up
+    served, rows = _run(ref, inputs)
     body = {"model": {"name": served.name, "version": served.version},
             "predictions": served.model.label_rows(*rows)}
     return current_app.response_class(json.dumps(body, separators=(",", ":")), mimetype="application/json")
 
 
-def _read(settings) -> list:
-    try:
-        return read_inputs(settings)
-    except RequestEntityTooLarge:
-        raise PayloadTooLarge(f"request body is over the limit of {settings.max_request_bytes} bytes") from None
-
-
-def _prepare(served, inputs: list):
-    """The inputs through ``served``'s own eval transform (size, channels): uint8 [N,S,S,C]."""
-    try:
-        arrays = [served.model.prepare(x, i) for i, x in enumerate(inputs)]
-    except ValueError as exc:
-        raise InvalidInput(str(exc), code="bad_input") from None
-    return arrays[0][None] if len(arrays) == 1 else np.stack(arrays)
-
-
-def _run(ref: str, settings):
+def _run(ref: str, inputs: list):
     """(the Served that answered, its (probabilities, indices) rows) for this request's inputs."""
-    served = serving().models.get(ref)
+    try:  # ForwardDied (the forward process died loading it) is a 503 as it is
+        served = serving().models.get(ref)
+    except ForwardError as exc:
+        raise _forward_fault(exc, ref) from exc
     top_k = _query_top_k(len(served.model.classes))
-    arrays = _prepare(served, _read(settings))
+    arrays = _prepare(served, inputs)
     try:  # ForwardDied is Unavailable already: 503 as it is
         future = served.model.submit(arrays, top_k)
         out = future.result(timeout=PREDICT_TIMEOUT_S)
     except ForwardError as exc:
-        if exc.kind == "QueueFull":
-            raise Unavailable(f"server busy: {exc.detail}; retry shortly") from None
-        # a server-side fault on valid input: 500, its cause in the server log
-        raise RuntimeError(f"model {served.name} version {served.version} failed: {exc}") from exc
+        raise _forward_fault(exc, f"{served.name}:{served.version}") from exc
     except FutureTimeout:
         future.cancel()
         raise Unavailable(f"prediction did not finish within {PREDICT_TIMEOUT_S:g} s; retry") from None
@@ -195,3 +219,11 @@ def _run(ref: str, settings):
     else:
         observe_queue_wait(out["wait_s"])
     return served, (out["values"], out["indices"])
+
+
+def _forward_fault(exc: ForwardError, model: str) -> Exception:
+    """What the client hears when the forward process could not load or run ``model``."""
+    if exc.kind in ("QueueFull", "MemoryError", "OutOfMemoryError"):  # transient: retry
+        return Unavailable(f"server busy ({exc.kind}: {exc.detail}); retry shortly")
+    # a server-side fault on valid input (a corrupt stored model...): 500, its cause in the server log
+    return RuntimeError(f"model {model} failed in the forward process: {exc}")
