@@ -1,4 +1,4 @@
-"""End to end over real HTTP with a real Redis + Celery worker (the worker engineer's live_service).
+"""End to end over real HTTP with a real Redis + Celery worker (tests.integration's live_service).
 
 Train digits, register, set production, /predict real digits (>= 95% right); move the alias
 while a client is sending requests (version changes, nothing fails); a batch-inference job
@@ -17,8 +17,7 @@ import pytest
 import requests
 from PIL import Image
 
-pytest.importorskip("tests.integration.conftest", reason="needs the worker engineer's live_service fixture")
-from tests.integration.conftest import live_service  # noqa: E402,F401  (re-exported fixture)
+from tests.integration.conftest import live_service  # noqa: F401  (the fixture, used by name)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
