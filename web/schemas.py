@@ -137,6 +137,8 @@ def parse_datetime(text: str) -> datetime | None:
 def check(schema: dict, value: Any, path: str, errors: list[dict]) -> Any:
     """Validate one value; append {"field", "message"} per problem; return it with defaults."""
     kind = schema.get("type")
+    if kind == "integer" and isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON has one number type: 3.0 is the integer 3 (JSON Schema agrees)
     if kind:
         ok = isinstance(value, _TYPES[kind]) and not (isinstance(value, bool) and kind in ("integer", "number"))
         if not ok:
@@ -250,11 +252,31 @@ def parse_query(schema: dict, args, *, max_limit: int | None = None) -> dict:
     return out
 
 
+def integral_numbers(value: Any) -> Any:
+    """``value`` with every float that is a whole number (3.0) as an int: JSON has one number type,
+    and JSON Schema's ``integer`` admits 3.0, so a config field typed integer must too."""
+    root = [value]
+    stack = [(root, 0)]  # (container, key): a loop, not recursion, whatever the depth
+    while stack:
+        container, key = stack.pop()
+        item = container[key]
+        if isinstance(item, float) and item.is_integer() and abs(item) < 2**63:
+            container[key] = int(item)
+        elif isinstance(item, dict):
+            container[key] = copy = dict(item)
+            stack.extend((copy, k) for k in copy)
+        elif isinstance(item, list):
+            container[key] = copy = list(item)
+            stack.extend((copy, i) for i in range(len(copy)))
+    return root[0]
+
+
 def validate_job(data: Any) -> tuple[str, dict]:
     """A job submission -> (kind, config mapping); ConfigError (422) names each bad config field."""
     body = validate(JOB_SUBMISSION, data, "job submission")
-    parse_config(body["config"], body["kind"])  # raises ConfigError with every bad field at once
-    return body["kind"], body["config"]
+    config = integral_numbers(body["config"])
+    parse_config(config, body["kind"])  # raises ConfigError with every bad field at once
+    return body["kind"], config
 
 
 def config_classes() -> dict[str, type]:
