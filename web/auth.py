@@ -21,7 +21,7 @@ from flask.cli import AppGroup
 from web.context import settings as app_settings
 from web.schemas import TOKEN_CREATE, doc, parse_datetime, validate
 from worker.db import migrate
-from worker.errors import Forbidden, KilnError, Unauthorized
+from worker.errors import Conflict, Forbidden, KilnError, Unauthorized
 from worker.tokens import SCOPES, TokenStore, allows
 
 bp = Blueprint("tokens", __name__, url_prefix="/v1/tokens")
@@ -204,9 +204,17 @@ def list_tokens():
 
 
 @bp.delete("/<token_id>")
-@doc(responses={200: ("the revoked token", "Token"), 404: "no active token with this id"})
+@doc(responses={200: ("the revoked token", "Token"), 404: "no active token with this id",
+                409: "a token cannot revoke itself (use another admin token, or the CLI)"})
 def revoke(token_id: str):
-    """Revoke a token: it stops working at once here, and within seconds on every web process."""
+    """Revoke a token: it stops working at once here, and within seconds on every web process.
+
+    The token making the request cannot revoke itself, so an admin cannot lock itself out by mistake.
+    """
+    own = g.get("kiln_token")
+    if own is not None and own["id"] == token_id:
+        raise Conflict("a token cannot revoke itself; revoke it with another admin token or "
+                       "`flask --app web tokens revoke`")
     return jsonify(token_store().revoke_id(token_id))
 
 

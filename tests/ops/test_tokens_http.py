@@ -41,6 +41,11 @@ def test_admin_creates_lists_and_revokes(auth_client, scoped):
     assert error(auth_client.get("/v1/jobs", headers=bearer(secret)), 401)["code"] == "unauthorized"
     assert error(auth_client.delete(f"/v1/tokens/{made['id']}", headers=admin), 404)
     assert error(auth_client.delete("/v1/tokens/not-an-id", headers=admin), 404)
+    # an admin token cannot revoke itself (no lock-out by mistake); another admin token can
+    me = next(t for t in listed.get_json()["tokens"] if t["name"] == "t-admin")
+    assert "itself" in error(auth_client.delete(f"/v1/tokens/{me['id']}", headers=admin), 409)["message"]
+    other = auth_client.post("/v1/tokens", json={"name": "admin-2", "scopes": ["admin"]}, headers=admin).get_json()
+    assert auth_client.delete(f"/v1/tokens/{me['id']}", headers=bearer(other["token"])).status_code == 200
 
 
 @pytest.mark.parametrize("scope", ["read", "submit", "predict"])
