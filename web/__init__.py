@@ -31,6 +31,7 @@ def create_app(settings=None) -> "Flask":
 
     errors.init_app(app)
     metrics.init_app(app)  # registers /metrics; its hooks go first, so requests auth refuses are timed too
+    errors.init_guards(app)  # body limits, NUL and JSON depth: before auth reads the store
     auth.init_app(app)
     for module in (health, jobs, datasets, auth, openapi, models_api, predict, dashboard):
         app.register_blueprint(module.bp)

@@ -114,11 +114,15 @@ def guard_request():
     return None
 
 
-def init_app(app) -> None:
-    """Register the JSON error handlers and the request guards on the app."""
+def init_guards(app) -> None:
+    """Install the request guards (body limit, NUL) and the JSON parser that refuses deep nesting."""
     app.json = JSONProvider(app)
     app.request_class = Request
     app.before_request(guard_request)
+
+
+def init_app(app) -> None:
+    """Register the JSON error handlers on the app."""
     app.register_error_handler(KilnError, _kiln_error)
     app.register_error_handler(ConfigError, _config_error)
     app.register_error_handler(HTTPException, _http_error)
