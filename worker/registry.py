@@ -111,8 +111,8 @@ class Registry:
     @classmethod
     def from_settings(cls, settings, *, engine: sa.Engine | None = None, storage=None) -> "Registry":
         """A Registry on the settings' job store and artifact storage (pass the facade's if it has them)."""
-        return cls(engine if engine is not None else db.make_engine(settings), storage if storage is not None else Storage(settings.storage),
-                   cache_dir=settings.cache_path)
+        return cls(engine if engine is not None else db.make_engine(settings),
+                   storage if storage is not None else Storage(settings.storage), cache_dir=settings.cache_path)
 
     # ------------------------------------------------------------- register
     def register_model(self, name: str, job_id: str, checkpoint: str = "best", *, build=write_artifacts) -> dict:
