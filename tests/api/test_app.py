@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.api.conftest import error_of
 from worker.service import Kiln as RealKiln
 
@@ -146,3 +148,128 @@ def test_published_body_schemas_are_the_ones_enforced(client):
     assert err["details"] == [{"field": "version", "message": "must be >= 1, got 0"}]
     register = spec["paths"]["/v1/models"]["post"]["responses"]
     assert {"201", "404", "409", "422"} <= set(register)
+
+
+def _validator(spec, name):
+    """A JSON Schema validator (ECMA regexes, as schemathesis uses) for one component of the spec."""
+    import jsonschema_rs
+
+    schema = {"$ref": f"#/components/schemas/{name}", "components": spec["components"]}
+    return jsonschema_rs.Draft202012Validator(schema, validate_formats=True)
+
+
+def test_every_authenticated_operation_documents_its_token(api_settings):
+    """Bearer security on every route behind a token (401/403/503 documented there), none on the
+    public ones; every operation documents 400, every one with a body 413."""
+    from tests.conftest import running_app
+    from web.auth import required_scope
+    from web.openapi import openapi_path
+
+    settings = dataclasses.replace(api_settings, auth_enabled=True)
+    with running_app(settings) as app:
+        spec = app.test_client().get("/openapi.json").get_json()
+    assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert spec["security"] == [{"bearer": []}]
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint.endswith("static"):
+            continue
+        for method in rule.methods - HIDDEN:
+            op = spec["paths"][openapi_path(rule.rule)][method.lower()]
+            codes = set(op["responses"])
+            scope = required_scope(rule.endpoint, rule.rule, settings)
+            where = f"{method} {rule.rule}"
+            if scope:
+                assert op["security"] == [{"bearer": []}] and op["x-kiln-scope"] == scope, where
+                assert {"401", "403", "503"} <= codes, where
+                assert op["responses"]["401"]["headers"]["WWW-Authenticate"]["required"], where
+            else:
+                assert op["security"] == [], where
+            assert "400" in codes, where
+            if method in ("POST", "PUT"):
+                assert "413" in codes, where
+            for code in ("429", "503"):
+                if code in codes:
+                    assert op["responses"][code]["headers"]["Retry-After"]["required"], where
+
+
+def test_spec_statuses_match_the_answers(client, job):
+    """A sample of real answers: each status is among those documented for its operation."""
+    spec = client.get("/openapi.json").get_json()
+    calls = [
+        ("get", "/v1/jobs/{job_id}", f"/v1/jobs/{job['id']}", None),
+        ("get", "/v1/jobs/{job_id}", "/v1/jobs/" + "f" * 32, None),
+        ("post", "/v1/jobs/{job_id}/cancel", f"/v1/jobs/{job['id']}/cancel", None),
+        ("post", "/v1/jobs/{job_id}/cancel", f"/v1/jobs/{job['id']}/cancel", None),  # 409 now
+        ("get", "/v1/jobs/{job_id}/logs", f"/v1/jobs/{job['id']}/logs?offset=x", None),
+        ("get", "/v1/jobs/{job_id}/artifacts/{name}", f"/v1/jobs/{job['id']}/artifacts/a//b", None),
+        ("get", "/v1/datasets/{dataset_id}", "/v1/datasets/zz", None),
+        ("post", "/v1/tokens", "/v1/tokens", {"name": "x"}),
+        ("delete", "/v1/tokens/{token_id}", "/v1/tokens/" + "0" * 32, None),
+        ("post", "/v1/jobs", "/v1/jobs", {"kind": "predict", "config": {"model": "m", "data": {}}}),
+    ]
+    for method, path, url, body in calls:
+        resp = client.open(url, method=method.upper(), json=body)
+        assert str(resp.status_code) in spec["paths"][path][method]["responses"], (method, url, resp.status_code)
+
+
+@pytest.mark.parametrize("body, valid", [
+    ({"kind": "train", "config": {}}, True),
+    ({"config": {"training": {"epochs": 2}}}, True),
+    ({"kind": "predict", "config": {"model": "digits@production", "data": {"dataset": "digits"}}}, True),
+    ({"kind": "predict", "config": {"model": "digits@production", "data": {}}}, False),  # root needed
+    ({"kind": "predict", "config": {"training": {}}}, False),   # a train config under predict
+    ({"kind": "train", "config": {"model": "digits"}}, False),
+    ({"kind": "sweep-ish", "config": {}}, False),
+    ({"config": {}, "priority": 3}, False),
+    ({"kind": "train"}, False),
+])
+def test_job_schema_is_as_strict_as_validation(client, body, valid):
+    """Schema-valid bodies are accepted (or refused only for a model that does not exist) and
+    schema-invalid ones refused: the published JobSubmission and the validator agree."""
+    spec = client.get("/openapi.json").get_json()
+    assert _validator(spec, "JobSubmission").is_valid(body) is valid
+    resp = client.post("/v1/jobs", json=body)
+    if valid and body.get("kind") == "predict":
+        assert resp.status_code == 422 and [d["field"] for d in resp.get_json()["error"]["details"]] == ["model"]
+    else:
+        assert (resp.status_code == 202) is valid, resp.get_data(as_text=True)
+
+
+@pytest.mark.parametrize("component, body, valid", [
+    ("TokenCreate", {"name": "ci", "scopes": ["read"]}, True),
+    ("TokenCreate", {"name": "ci", "scopes": ["read"], "expires_in_s": 60.0}, True),
+    ("TokenCreate", {"name": "ci", "scopes": ["read"], "expires_in_s": 1, "expires_at": "2999-01-01T00:00:00Z"},
+     False),
+    ("TokenCreate", {"name": "ci", "scopes": []}, False),
+    ("TokenCreate", {"name": "ci\n", "scopes": ["read"]}, False),
+    ("Alias", {"version": 3}, True),
+    ("Alias", {"version": 3.0}, True),
+    ("Alias", {"version": 2**63}, False),
+    ("ModelRegistration", {"name": "m", "job_id": "0" * 32}, True),
+    ("ModelRegistration", {"name": "m", "job_id": "0" * 31 + "\x00"}, False),
+])
+def test_small_body_schemas_match_their_validator(client, component, body, valid):
+    from web import schemas
+
+    spec = client.get("/openapi.json").get_json()
+    assert _validator(spec, component).is_valid(body) is valid
+    source = {"TokenCreate": schemas.TOKEN_CREATE, "Alias": schemas.ALIAS,
+              "ModelRegistration": schemas.MODEL_REGISTRATION}[component]
+    errors: list = []
+    schemas.check(source, body, "", errors)
+    assert (not errors) is valid, errors
+
+
+def test_links_chain_creation_to_reads(client):
+    spec = client.get("/openapi.json").get_json()
+    ids = {op["operationId"] for item in spec["paths"].values() for op in item.values()}
+    job_links = spec["paths"]["/v1/jobs"]["post"]["responses"]["202"]["links"]
+    assert {"GetJob", "CancelJob", "JobLogs"} <= set(job_links)
+    dataset_links = spec["paths"]["/v1/datasets"]["post"]["responses"]["201"]["links"]
+    model_links = spec["paths"]["/v1/models"]["post"]["responses"]["201"]["links"]
+    token_links = spec["paths"]["/v1/tokens"]["post"]["responses"]["201"]["links"]
+    for links in (job_links, dataset_links, model_links, token_links):
+        for link in links.values():
+            assert link["operationId"] in ids and all(v.startswith("$response.body#/") for v in link["parameters"].values())
+    assert dataset_links["GetDataset"]["parameters"] == {"dataset_id": "$response.body#/id"}
+    assert model_links["GetModel"]["parameters"] == {"name": "$response.body#/name"}
