@@ -1,16 +1,23 @@
 """Kiln's training loop vs a plain hand-written PyTorch loop: same model, data, batch size, threads.
 
-    python bench/train_overhead.py [--epochs 5] [--repeats 3] [--threads 2]
+    python bench/train_overhead.py [--epochs 5] [--repeats 3] [--threads 2] [--ranks 2]
 
 Both sides build the same digits data (ml.data.build_data, no augmentation), the same small_cnn,
 AdamW, and evaluate on the validation split after every epoch. Kiln additionally writes train.log,
 metrics.jsonl, TensorBoard events and last.pt/best.pt checkpoints (log every 10 steps, checkpoint
 every epoch). One warm-up run each, then the median of ``repeats`` timed runs, alternating sides.
 Target: Kiln >= 0.95x the plain loop's images/s.
+
+The DDP row runs the same Kiln job as ``--ranks`` gloo ranks of 1 intra-op thread each (forked
+from this process), at the same global batch, against Kiln in 1 process of ``--threads`` threads:
+end to end (rank start-up included) and per epoch (the epochs' own images/s in metrics.jsonl).
+No target: it says what DDP costs or gains on CPU.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import statistics
 import sys
 import tempfile
@@ -37,11 +44,24 @@ def config(epochs: int, batch: int):
                      "checkpoint_every": 1}})
 
 
-def run_kiln(cfg) -> float:
+def run_kiln(cfg) -> tuple[float, float]:
+    """Seconds of the whole run, and the median of its epochs' images/s."""
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
         train(cfg, out, console=False)
-        return time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+        return seconds, statistics.median(r["images_per_s"] for r in rows if r["type"] == "epoch")
+
+
+def run_ddp(cfg, ranks: int) -> tuple[float, float]:
+    """run_kiln with ``ranks`` processes of one intra-op thread each (they inherit this process's count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_kiln(dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, processes=ranks)))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def run_plain(cfg) -> float:
@@ -78,23 +98,35 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--ranks", type=int, default=2, help="DDP row: CPU ranks of 1 thread each (0: no DDP row)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     cfg = config(args.epochs, args.batch_size)
     n_images = len(build_data(cfg.data, seed=0).train) * args.epochs
     run_kiln(config(1, args.batch_size))                              # warm-up: allocator, oneDNN kernels
     run_plain(config(1, args.batch_size))
-    kiln, plain = [], []
+    if args.ranks:
+        run_ddp(config(1, args.batch_size), args.ranks)
+    kiln, plain, ddp = [], [], []
     for _ in range(args.repeats):
         kiln.append(run_kiln(cfg))
         plain.append(run_plain(cfg))
-    k_ips, p_ips = n_images / statistics.median(kiln), n_images / statistics.median(plain)
+        if args.ranks:
+            ddp.append(run_ddp(cfg, args.ranks))
+    k_ips, p_ips = n_images / statistics.median(t for t, _ in kiln), n_images / statistics.median(plain)
     print(f"threads={torch.get_num_threads()} batch={args.batch_size} epochs={args.epochs} "
           f"images/run={n_images} repeats={args.repeats}")
-    print(f"kiln  {k_ips:8.1f} images/s  (runs: {', '.join(f'{t:.2f}s' for t in kiln)})")
+    print(f"kiln  {k_ips:8.1f} images/s  (runs: {', '.join(f'{t:.2f}s' for t, _ in kiln)})")
     print(f"plain {p_ips:8.1f} images/s  (runs: {', '.join(f'{t:.2f}s' for t in plain)})")
     ratio = k_ips / p_ips
     print(f"ratio kiln/plain = {ratio:.3f}  (target >= 0.95: {'PASS' if ratio >= 0.95 else 'FAIL'})")
+    if args.ranks:
+        d_ips = n_images / statistics.median(t for t, _ in ddp)
+        d_epoch, k_epoch = statistics.median(e for _, e in ddp), statistics.median(e for _, e in kiln)
+        print(f"ddp   {d_ips:8.1f} images/s  ({args.ranks} ranks x 1 thread, global batch {args.batch_size}; "
+              f"runs: {', '.join(f'{t:.2f}s' for t, _ in ddp)})")
+        print(f"ratio ddp/kiln = {d_ips / k_ips:.3f} end to end, {d_epoch / k_epoch:.3f} per epoch "
+              f"({d_epoch:.1f} vs {k_epoch:.1f} images/s; kiln: 1 process x {args.threads} threads)")
 
 
 if __name__ == "__main__":
