@@ -22,7 +22,7 @@ from web.context import settings as app_settings
 from web.schemas import TOKEN_CREATE, doc, parse_datetime, validate
 from worker.db import migrate
 from worker.errors import Conflict, Forbidden, KilnError, Unauthorized
-from worker.tokens import SCOPES, TokenStore, allows
+from worker.tokens import CACHE_TTL_S, SCOPES, TokenStore, allows
 
 bp = Blueprint("tokens", __name__, url_prefix="/v1/tokens")
 
@@ -63,7 +63,9 @@ def token_store(app=None) -> TokenStore:
     app = app or current_app._get_current_object()
     store = app.extensions.get("kiln.tokens")
     if store is None:
-        store = app.extensions["kiln.tokens"] = TokenStore.from_settings(app_settings(app))
+        settings = app_settings(app)
+        store = app.extensions["kiln.tokens"] = TokenStore.from_settings(
+            settings, cache_ttl_s=float(getattr(settings, "token_cache_s", CACHE_TTL_S)))
     return store
 
 
