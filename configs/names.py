@@ -13,6 +13,7 @@ HEX_ID = r"[0-9a-f]{32}"                     # jobs, datasets and tokens: uuid4(
 NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"    # models, aliases, dataset display names
 TOKEN_NAME = r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}"  # a token's label may be an e-mail address
 VERSION = r"[0-9]{1,9}"
+MAX_VERSION = 999_999_999  # a model version has at most nine digits
 
 ID_RE = rf"^{HEX_ID}$"
 NAME_RE = rf"^{NAME}$"

@@ -41,6 +41,8 @@ class Settings:
     max_compression_ratio: float = 200.0
     max_image_pixels: int = 40_000_000
     max_predict_images: int = 64
+    # decoded pixels one /predict may hold (sum of width x height; a JSON pixel number counts as one)
+    max_predict_pixels: int = 32 * 2**20
     page_size_max: int = 200
 
     # jobs
@@ -64,8 +66,11 @@ class Settings:
     # web: workers of the host's forward process, one intra-op thread each; 0 = one per core
     forward_workers: int = 0
     model_refresh_s: float = 2.0
-    # the forward process's unix socket, shared by every web process on the host;
-    # empty = derived from `home`; "private" = one forward process per web process
+    # model versions the forward process keeps loaded (least recently used beyond)
+    max_loaded_models: int = 4
+    # the forward process's unix socket, shared by every web process on the host; empty =
+    # home/forward/forward.sock (folder 0700); a set path's folder must be 0700 and Kiln's user's;
+    # "private" = one forward process per web process
     forward_socket: str = ""
 
     # auth
@@ -104,22 +109,6 @@ class Settings:
     @property
     def storage(self) -> str:
         return self.storage_url or str(self.home_path / "storage")
-
-    @property
-    def forward_address(self) -> str | None:
-        """Unix socket of the host's shared forward process, or None for one per web process."""
-        if self.forward_socket == "private":
-            return None
-        if self.forward_socket:
-            return str(Path(self.forward_socket).resolve())
-        path = self.home_path / "forward.sock"
-        if len(str(path)) < 100:  # sun_path holds 108 bytes
-            return str(path)
-        import hashlib
-        import tempfile
-
-        digest = hashlib.sha256(str(self.home_path).encode()).hexdigest()[:16]
-        return str(Path(tempfile.gettempdir()) / f"kiln-forward-{digest}.sock")
 
     @property
     def data_root_paths(self) -> tuple[str, ...]:

@@ -62,5 +62,7 @@ def labelled(root: str | Path) -> Listing:
 
 def open_rgb(path: str | Path) -> Image.Image:
     """A file decoded to RGB, as torchvision's ImageFolder loader does (so accuracies compare)."""
+    from ml import images
+
     with open(path, "rb") as f:
-        return Image.open(f).convert("RGB")
+        return images.load_image(images.open_image(f, where=str(path)), where=str(path)).convert("RGB")

@@ -37,14 +37,10 @@ def _bombs_are_errors(state) -> None:
 
 
 PREDICT_TIMEOUT_S = 30.0  # a request waits this long for its batch, then answers 503
-# Decoded pixels one request may hold (sum of width x height; a number of a JSON pixel array
-# counts as one) unless Settings.max_predict_pixels says otherwise: 32 Mpx, one large photo
-# or 64 inputs of 724x724, at most ~128 MiB decoded.
-MAX_PREDICT_PIXELS = 32 * 2**20
-
-
 def pixel_budget(settings) -> int:
-    return int(getattr(settings, "max_predict_pixels", MAX_PREDICT_PIXELS))
+    """Decoded pixels one request may hold (Settings.max_predict_pixels; default 32 Mpx: one large
+    photo or 64 inputs of 724x724, at most ~128 MiB decoded)."""
+    return settings.max_predict_pixels
 
 
 # ---------------------------------------------------------------- inputs

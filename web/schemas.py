@@ -16,10 +16,9 @@ from functools import lru_cache
 from typing import Any, Callable
 
 from configs import PredictConfig, TrainConfig, json_schema, parse_config
-from configs.names import ID_RE, JOB_KINDS, JOB_STATES, MODEL_REF_RE, NAME_RE, TOKEN_NAME_RE
+from configs.names import ID_RE, JOB_KINDS, JOB_STATES, MAX_VERSION, MODEL_REF_RE, NAME_RE, TOKEN_NAME_RE
 from worker.errors import BadRequest, InvalidInput
 
-MAX_VERSION = 999_999_999  # configs.names.VERSION: at most nine digits
 JOB_SUBMISSION = {
     "type": "object", "additionalProperties": False, "required": ["config"],
     "properties": {

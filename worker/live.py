@@ -122,7 +122,7 @@ class LiveService:
             try:
                 if requests.get(self.base_url + "/health", timeout=1).ok:
                     return
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):
                 pass
             if self.web.poll() is not None:
                 raise RuntimeError((self.logs / "web.log").read_text()[-3000:])

@@ -20,7 +20,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from configs.names import NAME_RE, is_id, parse_model_ref
+from configs.names import MAX_VERSION, NAME_RE, is_id, parse_model_ref
 from ml.files import atomic_write
 from worker import db
 from worker.clock import iso, utcnow
@@ -28,7 +28,6 @@ from worker.errors import Conflict, InvalidInput, NotFound
 from worker.storage import Storage, sha256_file
 
 DEFAULT_ALIAS = "production"  # what a bare "name" resolves to when set; else the latest version
-MAX_VERSION = 10**9 - 1       # versions are configs.names.VERSION: at most 9 digits
 SLIM_KEYS = ("config", "classes", "normalization", "image_size", "in_channels", "metrics", "best", "versions")
 
 

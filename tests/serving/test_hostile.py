@@ -32,12 +32,9 @@ def deep(depth: int, leaf: str = "0") -> str:
     return "[" * depth + leaf + "]" * depth
 
 
-def with_budget(settings, pixels: int, monkeypatch):
-    """Settings whose /predict pixel budget is ``pixels`` (the Settings field, where it exists)."""
-    if any(f.name == "max_predict_pixels" for f in dataclasses.fields(settings)):
-        return dataclasses.replace(settings, max_predict_pixels=pixels)
-    monkeypatch.setattr(predict_module, "MAX_PREDICT_PIXELS", pixels)
-    return settings
+def with_budget(settings, pixels: int):
+    """Settings whose /predict pixel budget is ``pixels``."""
+    return dataclasses.replace(settings, max_predict_pixels=pixels)
 
 
 @pytest.fixture
@@ -182,7 +179,7 @@ def _serving(app):
 def test_pixels_are_budgeted_per_request_before_decoding(serve_settings, registered, no_decoding, monkeypatch):
     """Images each under the per-image limit, together over the request's budget: 413 from headers alone."""
     settings = with_budget(dataclasses.replace(serve_settings, max_image_pixels=40_000_000,
-                                               max_request_bytes=64 << 20), 3_000_000, monkeypatch)
+                                               max_request_bytes=64 << 20), 3_000_000)
     budget = predict_module.pixel_budget(settings)
     side = int((budget // 2) ** 0.5) + 8  # two of these are over the budget, one is not
     big = png(Image.new("L", (side, side)))
@@ -204,7 +201,7 @@ def test_pixels_are_budgeted_per_request_before_decoding(serve_settings, registe
 
 
 def test_json_pixel_arrays_count_against_the_budget(serve_settings, registered, monkeypatch):
-    settings = with_budget(dataclasses.replace(serve_settings, max_predict_images=64), 10_000, monkeypatch)
+    settings = with_budget(dataclasses.replace(serve_settings, max_predict_images=64), 10_000)
     app = served_app(settings)
     try:
         client = app.test_client()

@@ -15,13 +15,12 @@ from web.serving.web_models import ModelCache
 from worker.errors import InvalidInput
 
 EXTENSION = "kiln.serving"
-MAX_LOADED_MODELS = 4  # model versions a forward process keeps loaded, unless settings say otherwise
 _lock = threading.Lock()
 
 
 def max_loaded_models(settings) -> int:
     """Model versions kept loaded in the forward process (and tracked per web process), LRU beyond."""
-    return max(1, int(getattr(settings, "max_loaded_models", MAX_LOADED_MODELS)))
+    return max(1, settings.max_loaded_models)
 
 
 def forward_workers(settings) -> int:
