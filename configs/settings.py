@@ -41,6 +41,15 @@ class Settings:
     max_compression_ratio: float = 200.0
     max_image_pixels: int = 40_000_000
     max_predict_images: int = 64
+    # uploads checked at once per web process (each may decode thousands of images), and their time limit
+    dataset_upload_workers: int = 2
+    dataset_check_timeout_s: float = 600.0
+    # logs?follow=1 streams per web process (each holds a thread), how long one lasts, how often it polls
+    log_follow_streams: int = 2
+    log_follow_max_s: float = 600.0
+    log_poll_s: float = 0.5
+    # seconds a verified (or refused) token is trusted without reading its row again
+    token_cache_s: float = 5.0
     # decoded pixels one /predict may hold (sum of width x height; a JSON pixel number counts as one)
     max_predict_pixels: int = 32 * 2**20
     page_size_max: int = 200

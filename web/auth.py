@@ -7,7 +7,7 @@ fails closed; a test checks that every such route is listed. /health, /ready,
 /metrics (unless ``protect_metrics``), /openapi.json, /docs, the dashboard page and
 static files are public. Tokens are managed over HTTP (``/v1/tokens``, admin) or with
 ``flask --app web tokens create|list|revoke``. Token checks are cached for a few
-seconds (worker.tokens.CACHE_TTL_S); a store that is down answers 503, not 500.
+seconds (Settings.token_cache_s); a store that is down answers 503, not 500.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from web.context import settings as app_settings
 from web.schemas import TOKEN_CREATE, doc, parse_datetime, validate
 from worker.db import migrate
 from worker.errors import Conflict, Forbidden, KilnError, Unauthorized
-from worker.tokens import CACHE_TTL_S, SCOPES, TokenStore, allows
+from worker.tokens import SCOPES, TokenStore, allows
 
 bp = Blueprint("tokens", __name__, url_prefix="/v1/tokens")
 
@@ -65,7 +65,7 @@ def token_store(app=None) -> TokenStore:
     if store is None:
         settings = app_settings(app)
         store = app.extensions["kiln.tokens"] = TokenStore.from_settings(
-            settings, cache_ttl_s=float(getattr(settings, "token_cache_s", CACHE_TTL_S)))
+            settings, cache_ttl_s=settings.token_cache_s)
     return store
 
 

@@ -29,8 +29,6 @@ YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yam
 CHUNK = 256 * 1024
 # Follow streams per web process: each holds a thread for its whole life (gunicorn gthread), so
 # a few of them must never take every thread of a process (deploy/gunicorn.conf.py runs 16).
-FOLLOW_STREAMS = 2
-FOLLOW_MAX_S = 600.0  # a stream ends after this long; the client reconnects at offset + bytes read
 JOB_LINK = {"job_id": "$response.body#/id"}
 
 
@@ -152,7 +150,7 @@ def logs(job_id: str):
     """The job's log from byte ``offset``; ``follow=1`` streams until the job ends and the log is drained.
 
     Each open follow stream holds a web thread, so a process serves a few at a time (429 beyond);
-    a stream ends after FOLLOW_MAX_S (the client reconnects at offset + bytes read) or as soon
+    a stream ends after Settings.log_follow_max_s (the client reconnects at offset + bytes read) or as soon
     as its client has gone.
     """
     q = parse_query(LOG_QUERY, request.args)
@@ -165,9 +163,8 @@ def logs(job_id: str):
         return resp
     release = follow_slots().acquire()
     try:
-        poll = min(max(float(current_app.config.get("KILN_LOG_POLL_S", 0.5)), 0.05), 5.0)
-        max_s = float(current_app.config.get("KILN_LOG_FOLLOW_MAX_S",
-                                             getattr(settings(), "log_follow_max_s", FOLLOW_MAX_S)))
+        s = settings()
+        poll, max_s = min(max(s.log_poll_s, 0.05), 5.0), s.log_follow_max_s
         sock = request.environ.get("gunicorn.socket") or request.environ.get("werkzeug.socket")
         stream = _follow(facade, job_id, data, next_offset, finished, poll, max_s, lambda: client_gone(sock))
         resp = Response(stream, mimetype="text/plain")
@@ -204,13 +201,11 @@ class FollowSlots:
 
 
 def follow_slots() -> FollowSlots:
-    """The app's FollowSlots (KILN_LOG_FOLLOW_STREAMS in app.config, else FOLLOW_STREAMS per process)."""
+    """The app's FollowSlots (Settings.log_follow_streams per web process)."""
     app = current_app._get_current_object()
     slots = app.extensions.get("kiln.follow")
     if slots is None:
-        limit = int(app.config.get("KILN_LOG_FOLLOW_STREAMS",
-                                   getattr(settings(app), "log_follow_streams", FOLLOW_STREAMS)))
-        slots = app.extensions["kiln.follow"] = FollowSlots(max(1, limit))
+        slots = app.extensions["kiln.follow"] = FollowSlots(max(1, settings(app).log_follow_streams))
     return slots
 
 

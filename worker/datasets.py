@@ -40,8 +40,6 @@ TOTAL_RATIO_FLOOR = 64 << 20
 MAX_DETAILS = 50
 CHUNK = 1 << 20
 # Uploads checked at once per web process (each inflates and decodes on one core), and for how long.
-UPLOAD_WORKERS = 2
-UPLOAD_TIMEOUT_S = 600.0
 SUPPORTED_COMPRESSION = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
 
 
@@ -327,7 +325,7 @@ class UploadSlots:
     """The per-process pool that checks uploads, and its admission: a full pool answers 429 at
     once, before the body is read, instead of queueing uploads behind each other."""
 
-    def __init__(self, workers: int = UPLOAD_WORKERS, timeout_s: float = UPLOAD_TIMEOUT_S):
+    def __init__(self, workers: int, timeout_s: float):
         self.workers, self.timeout_s = max(1, workers), timeout_s
         self._free = threading.BoundedSemaphore(self.workers)
         self._pool: ThreadPoolExecutor | None = None
@@ -370,8 +368,7 @@ _slots_lock = threading.Lock()
 
 def upload_slots(settings) -> UploadSlots:
     """This process's UploadSlots for these settings (workers and time limit)."""
-    key = (int(getattr(settings, "dataset_upload_workers", UPLOAD_WORKERS)),
-           float(getattr(settings, "dataset_check_timeout_s", UPLOAD_TIMEOUT_S)))
+    key = (settings.dataset_upload_workers, settings.dataset_check_timeout_s)
     with _slots_lock:
         if key not in _slots:
             _slots[key] = UploadSlots(*key)

@@ -117,7 +117,7 @@ class TokenStore:
 
     def verify(self, token: str) -> dict | None:
         """The active token's row for a presented token, or None (malformed, unknown, revoked, expired)."""
-        m = TOKEN_RE.match(token or "")
+        m = TOKEN_RE.fullmatch(token or "")
         if not m:
             return None
         key = (m["id"], hash_secret(m["secret"]))

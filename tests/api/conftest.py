@@ -66,7 +66,7 @@ def api_settings(request, settings, redis_server):
 
 @pytest.fixture
 def app(api_settings):
-    with running_app(api_settings, KILN_LOG_POLL_S=0.05, KILN_LOG_FOLLOW_MAX_S=5.0) as app:
+    with running_app(dataclasses.replace(api_settings, log_poll_s=0.05, log_follow_max_s=5.0)) as app:
         yield app
 
 

@@ -2,6 +2,7 @@
 slots released however a stream ends, and a client that left a quiet job noticed at once."""
 from __future__ import annotations
 
+import dataclasses
 import socket
 import threading
 import time
@@ -9,13 +10,15 @@ import time
 import pytest
 
 from tests.api.conftest import error_of
+from tests.conftest import running_app
 from web.jobs import FollowSlots, client_gone
 
 
 @pytest.fixture
-def follow_app(app):
-    app.config.update(KILN_LOG_FOLLOW_STREAMS=2, KILN_LOG_FOLLOW_MAX_S=30.0)
-    return app
+def follow_app(api_settings):
+    s = dataclasses.replace(api_settings, log_poll_s=0.05, log_follow_streams=2, log_follow_max_s=30.0)
+    with running_app(s) as app:
+        yield app
 
 
 def test_streams_beyond_the_limit_are_429_and_health_still_answers(follow_app, job):

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
+from tests.conftest import running_app
 from tests.api.conftest import error_of, make_zip
 from tests.api.test_datasets import assert_nothing_stored, upload
 from worker import datasets
@@ -136,7 +137,8 @@ def test_busy_process_answers_429_before_reading_the_body(app, client, api_setti
     assert upload(client, make_zip(digits_entries)).status_code == 201
 
 
-def test_a_check_past_its_time_limit_stops_and_is_413(client, api_settings, digits_entries, monkeypatch):
+def test_a_check_past_its_time_limit_stops_and_is_413(api_settings, digits_entries, monkeypatch):
+    """dataset_check_timeout_s is the knob under test."""
     stopped = threading.Event()
 
     def slow_verify(plan, tree, settings, stop=None):
@@ -145,10 +147,11 @@ def test_a_check_past_its_time_limit_stops_and_is_413(client, api_settings, digi
         datasets._check_stop(stop)
 
     monkeypatch.setattr(datasets, "verify_images", slow_verify)
-    monkeypatch.setattr(datasets, "UPLOAD_TIMEOUT_S", 0.3)
-    err = error_of(upload(client, make_zip(digits_entries)), 413)
-    assert err["code"] == "upload_too_slow" and stopped.is_set()
-    assert_nothing_stored(client, api_settings)
+    with running_app(dataclasses.replace(api_settings, dataset_check_timeout_s=0.3)) as app:
+        client = app.test_client()
+        err = error_of(upload(client, make_zip(digits_entries)), 413)
+        assert err["code"] == "upload_too_slow" and stopped.is_set()
+        assert_nothing_stored(client, api_settings)
     incoming = Path(api_settings.storage) / ".incoming"
     assert not any(incoming.iterdir())  # the scratch folder went with it
 

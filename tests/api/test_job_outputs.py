@@ -1,6 +1,7 @@
 """Logs (offsets, follow), metrics and artifacts of a job, read from real local storage."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.api.conftest import error_of
+from tests.conftest import running_app
 
 LOG = "".join(f"epoch {i}: loss {1 / (i + 1):.3f}\n" for i in range(50)).encode()
 
@@ -64,9 +66,10 @@ def test_follow_streams_until_the_job_is_finished(client, job, job_dir):
     assert resp.data == LOG[10:]
 
 
-def test_follow_of_a_live_job_stops_at_max_duration(app, client, job, job_dir):
-    app.config["KILN_LOG_FOLLOW_MAX_S"] = 0.3  # the job stays queued (no worker): bounded by the max
-    resp = client.get(f"/v1/jobs/{job['id']}/logs?follow=1")
+def test_follow_of_a_live_job_stops_at_max_duration(api_settings, job, job_dir):
+    short = dataclasses.replace(api_settings, log_poll_s=0.05, log_follow_max_s=0.3)
+    with running_app(short) as app:  # the job stays queued (no worker): bounded by the max
+        resp = app.test_client().get(f"/v1/jobs/{job['id']}/logs?follow=1")
     assert resp.data == LOG
 
 

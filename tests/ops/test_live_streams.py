@@ -9,7 +9,7 @@ import time
 import pytest
 import requests
 
-from web.jobs import FOLLOW_STREAMS
+from configs import Settings
 from worker.db import migrate
 from worker.live import TINY, LiveService
 
@@ -56,7 +56,7 @@ def open_follow(service, job_id: str) -> tuple[socket.socket, int, bytes]:
 
 def test_streams_are_bounded_health_answers_and_departed_clients_free_slots(web_tier):
     job = web_tier.submit(TINY)  # queued for good: a quiet log
-    limit = PROCESSES * FOLLOW_STREAMS
+    limit = PROCESSES * Settings().log_follow_streams
     opened = [open_follow(web_tier, job["id"]) for _ in range(limit + 4)]
     held = [sock for sock, status, _ in opened if status == 200]
     refused = [(sock, head) for sock, status, head in opened if status == 429]

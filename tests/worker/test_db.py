@@ -10,7 +10,7 @@ def test_migrate_creates_all_tables_and_is_idempotent(db_settings):
     db.migrate(db_settings)
     names = set(sa.inspect(db.make_engine(db_settings)).get_table_names())
     assert {"jobs", "job_events", "datasets", "model_versions", "model_aliases", "tokens"} <= names
-    assert db.current_revision(db_settings) == "0001"
+    assert db.current_revision(db_settings) == "0002"
 
 
 def test_migration_matches_the_table_definitions(db_settings):
@@ -44,5 +44,5 @@ def test_cli_upgrade(settings, monkeypatch, capsys):
     for key, value in settings.env().items():
         monkeypatch.setenv(key, value)
     assert db.main(["upgrade"]) == 0
-    assert "0001" in capsys.readouterr().out
+    assert "0002" in capsys.readouterr().out
     assert db.main(["bogus"]) == 2
