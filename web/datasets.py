@@ -5,7 +5,7 @@ from flask import Blueprint, jsonify, request, url_for
 
 from web.context import kiln, settings
 from web.schemas import DATASET_NAME, DATASET_QUERY, doc, parse_query, validate
-from worker.datasets import upload_slots
+from worker.zipcheck import upload_slots
 from worker.errors import BadRequest, UnsupportedMediaType
 
 bp = Blueprint("datasets", __name__, url_prefix="/v1/datasets")

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings as hsettings, strategies as 
 from tests.conftest import running_app
 from tests.api.conftest import error_of, make_zip
 from tests.api.test_datasets import assert_nothing_stored, upload
-from worker import datasets
+from worker import zipcheck
 from worker.errors import KilnError
 
 
@@ -79,7 +79,7 @@ def test_a_lying_entry_count_is_caught_before_zipfile_reads_the_directory(client
     data = bytearray(make_zip(entries))
     end = bytes(data).rfind(b"PK\x05\x06")
     data[end + 8:end + 12] = struct.pack("<HH", 3, 3)
-    monkeypatch.setattr(datasets.zipfile, "ZipFile", lambda *a, **k: pytest.fail("zipfile.ZipFile was called"))
+    monkeypatch.setattr(zipcheck.zipfile, "ZipFile", lambda *a, **k: pytest.fail("zipfile.ZipFile was called"))
     err = error_of(upload(client, bytes(data)), 422)
     assert "central directory holds more than" in err["message"] and "says 3" in err["message"]
     assert_nothing_stored(client, api_settings)
@@ -89,8 +89,8 @@ def test_many_small_entries_cannot_bomb_the_scratch_disk(client, api_settings, d
     """40 entries of 1 MiB of zeros each (each under the per-entry ratio floor) unpack to 40 MiB from
     ~40 KB: the total ratio refuses it before a byte is inflated (with the floor at 8 MiB here, as the
     test's file limit is 50; 2000 such entries would ask 2 GiB of the default settings)."""
-    monkeypatch.setattr(datasets, "extract", lambda *a, **k: pytest.fail("extract was called"))
-    monkeypatch.setattr(datasets, "TOTAL_RATIO_FLOOR", 8 << 20)
+    monkeypatch.setattr(zipcheck, "extract", lambda *a, **k: pytest.fail("extract was called"))
+    monkeypatch.setattr(zipcheck, "TOTAL_RATIO_FLOOR", 8 << 20)
     bombs = {f"{i % 2}/zero{i}.bmp": bytes(1 << 20) for i in range(40)}
     data = make_zip({**digits_entries, **bombs})
     assert len(data) < 200_000
@@ -106,7 +106,7 @@ def test_the_total_ratio_floor_lets_small_flat_datasets_through(api_settings, di
     flat = io.BytesIO()
     Image.new("L", (500, 500), color=7).save(flat, "BMP")  # 250 KB that deflates to a few hundred bytes
     entries = {**digits_entries, **{f"{i % 3}/flat{i}.bmp": flat.getvalue() for i in range(20)}}
-    tree, counts, size = datasets.check_and_extract(io.BytesIO(make_zip(entries)), api_settings, tmp_path)
+    tree, counts, size = zipcheck.check_and_extract(io.BytesIO(make_zip(entries)), api_settings, tmp_path)
     assert sum(counts.values()) == 29 and size > 5_000_000
 
 
@@ -123,7 +123,7 @@ def test_other_image_formats_are_refused(client, digits_entries):
 
 
 def test_busy_process_answers_429_before_reading_the_body(app, client, api_settings, digits_entries):
-    slots = datasets.upload_slots(api_settings)
+    slots = zipcheck.upload_slots(api_settings)
     held = [slots.slot() for _ in range(slots.workers)]
     for cm in held:
         cm.__enter__()
@@ -144,9 +144,9 @@ def test_a_check_past_its_time_limit_stops_and_is_413(api_settings, digits_entri
     def slow_verify(plan, tree, settings, stop=None):
         assert stop is not None and stop.wait(10), "the pool thread was never told to stop"
         stopped.set()
-        datasets._check_stop(stop)
+        zipcheck._check_stop(stop)
 
-    monkeypatch.setattr(datasets, "verify_images", slow_verify)
+    monkeypatch.setattr(zipcheck, "verify_images", slow_verify)
     with running_app(dataclasses.replace(api_settings, dataset_check_timeout_s=0.3)) as app:
         client = app.test_client()
         err = error_of(upload(client, make_zip(digits_entries)), 413)
@@ -167,7 +167,7 @@ def _check(settings, data: bytes):
     """check_and_extract on ``data``: ("ok", counts, size, written) or ("refused", status, None, written)."""
     with tempfile.TemporaryDirectory() as scratch:
         try:
-            tree, counts, size = datasets.check_and_extract(io.BytesIO(data), settings, Path(scratch))
+            tree, counts, size = zipcheck.check_and_extract(io.BytesIO(data), settings, Path(scratch))
             outcome = ("ok", counts, size)
         except KilnError as exc:
             assert 400 <= exc.status < 500, (exc.status, exc.message)
@@ -179,7 +179,7 @@ def _check(settings, data: bytes):
 
 def _budget(settings, data: bytes) -> int:
     return min(settings.max_dataset_unpacked_bytes,
-               max(datasets.TOTAL_RATIO_FLOOR, int(settings.max_compression_ratio * len(data))))
+               max(zipcheck.TOTAL_RATIO_FLOOR, int(settings.max_compression_ratio * len(data))))
 
 
 @pytest.fixture(scope="module")
