@@ -13,9 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SMOKE = {"model": {"name": "small_cnn"},
-         "data": {"dataset": "digits", "image_size": 16, "subset": 256, "num_workers": 0},
-         "training": {"epochs": 3, "batch_size": 32, "lr": 3.0e-3, "log_every_steps": 2, "seed": 0}}
+SMOKE = {"data": {"image_size": 16, "subset": 256}, "training": {"epochs": 3, "batch_size": 32}}  # defaults but sizes
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration,
               pytest.mark.skipif(not Path(CHROMIUM).exists(),

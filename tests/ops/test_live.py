@@ -57,7 +57,7 @@ def test_metrics_count_jobs_and_requests(live_service, live_token):
     headers = {"Authorization": f"Bearer {live_token}"} if live_token else {}
     job = requests.post(f"{live_service.base_url}/v1/jobs", headers=headers, timeout=30,
                         json={"kind": "train", "config": {"model": {"name": "mlp"},
-                              "data": {"dataset": "digits", "image_size": 8, "subset": 64, "num_workers": 0},
+                              "data": {"dataset": "digits", "image_size": 8, "subset": 64},
                               "training": {"epochs": 1, "batch_size": 32}}}).json()
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
