@@ -2,8 +2,9 @@
 
 A version is a finished job's best (or last) checkpoint, slimmed to what serving
 needs and stored as models/<name>/<version>/model.pt (weights_only-loadable),
-model.safetensors (weights) and card.json (classes, normalisation, config,
-metrics, sha256, source job). Version numbers come from a unique (name, version)
+model.safetensors (weights), model.onnx when ONNX Runtime serves it, and card.json
+(classes, normalisation, config, metrics, sha256, source job, and the runtime that
+serves it with the measurements that chose it). Version numbers come from a unique (name, version)
 constraint plus retry, so concurrent registrations never share a number. Only
 ``write_artifacts`` imports torch; the web tier runs it in its forward process
 (``Registry.register_model(build=...)``), so the facade and web processes stay torch-free.
@@ -71,8 +72,11 @@ def _shown(value) -> str:
 
 
 def write_artifacts(src: str | Path, out_dir: str | Path, *, name: str, job_id: str | None,
-                    checkpoint: str) -> dict:
-    """A training checkpoint file -> model.pt and model.safetensors in ``out_dir``; returns the card (no version)."""
+                    checkpoint: str, runtimes: list[str] | None = None) -> dict:
+    """A training checkpoint file -> model.pt, model.safetensors (and model.onnx) in ``out_dir``; the card (no version).
+
+    ``runtimes``: the candidates measured against eager (``ml.runtimes.DEFAULT_CANDIDATES`` when None).
+    """
     import torch
     from safetensors.torch import save_file
 
@@ -91,11 +95,27 @@ def write_artifacts(src: str | Path, out_dir: str | Path, *, name: str, job_id: 
               out / "model.safetensors")
     with open(out / "model.pt", "rb") as f:
         sha256 = sha256_file(f)
+    runtime = _build_runtime(slim, out, sha256, runtimes)
+    files = ["model.pt", "model.safetensors", *([runtime["file"]] if runtime.get("file") else []), "card.json"]
     return {"name": name, "classes": list(ckpt["classes"]), "normalization": ckpt["normalization"],
             "image_size": ckpt.get("image_size"), "in_channels": ckpt.get("in_channels"),
             "config": ckpt["config"], "metrics": ckpt.get("metrics") or {}, "best": ckpt.get("best") or {},
             "epoch": ckpt.get("epoch"), "source": {"job_id": job_id, "checkpoint": checkpoint},
-            "sha256": sha256, "files": ["model.pt", "model.safetensors", "card.json"]}
+            "sha256": sha256, "runtime": runtime, "files": files}
+
+
+def _build_runtime(slim: dict, out: Path, sha256: str, candidates) -> dict:
+    """The card's ``runtime``: ml.runtimes' measured choice, or eager with the reason nothing else could be built."""
+    from ml import runtimes
+    from ml.inference import Predictor
+
+    try:
+        return runtimes.build(Predictor.from_state(slim), out, runtimes.DEFAULT_CANDIDATES if candidates is None
+                              else tuple(candidates), weights_sha256=sha256)
+    except Exception as exc:  # noqa: BLE001 - the version still serves, with eager, and its card says why
+        (out / runtimes.ONNX_FILE).unlink(missing_ok=True)
+        return {"name": "eager", "file": None, "reason": f"the runtime build failed ({type(exc).__name__}: "
+                                                         f"{str(exc)[:300]}); eager serves"}
 
 
 class Registry:
@@ -170,6 +190,9 @@ class Registry:
                     prefix = model_prefix(name, version)
                     self.storage.put_file(built / "model.pt", f"{prefix}/model.pt")
                     self.storage.put_file(built / "model.safetensors", f"{prefix}/model.safetensors")
+                    runtime_file = (card.get("runtime") or {}).get("file")
+                    if runtime_file:
+                        self.storage.put_file(built / runtime_file, f"{prefix}/{runtime_file}")
                     self.storage.write_bytes(f"{prefix}/card.json", json.dumps(card, indent=2).encode())
             except IntegrityError:
                 continue
@@ -251,7 +274,7 @@ class Registry:
 
     # --------------------------------------------------------------- resolve
     def resolve_model(self, ref: str) -> dict:
-        """'name' | 'name:version' | 'name@alias' -> {name, version, path (local model.pt), card}."""
+        """'name' | 'name:version' | 'name@alias' -> {name, version, path (local model.pt), card, runtime}."""
         name, version, alias = parse_ref(ref)
         with self.engine.connect() as conn:
             if alias is not None or version is None:
@@ -272,22 +295,35 @@ class Registry:
                 self.versions.c.name == name, self.versions.c.version == version)).first()
             if vrow is None:
                 self._raise_missing_version(conn, name, version)
-        return {"name": name, "version": version, "path": str(self._fetch(name, version, vrow.sha256)),
-                "card": vrow.card}
+        path = self._fetch(name, version, "model.pt", vrow.sha256)
+        return {"name": name, "version": version, "path": str(path), "card": vrow.card,
+                "runtime": self._runtime(name, version, vrow.card or {})}
+
+    def _runtime(self, name: str, version: int, card: dict) -> dict:
+        """{name, path (its local file, if any)} of the runtime the card names; eager when its file is gone."""
+        runtime = card.get("runtime") or {"name": "eager"}
+        if not runtime.get("file"):
+            return {"name": runtime.get("name", "eager"), "path": None}
+        try:
+            path = self._fetch(name, version, runtime["file"], runtime.get("sha256"))
+        except (NotFound, Conflict) as exc:  # still servable: eager, and the forward process logs why
+            return {"name": "eager", "path": None, "fallback": exc.message}
+        return {"name": runtime["name"], "path": str(path)}
 
     def _has_model(self, conn, name: str) -> bool:
         return conn.execute(sa.select(self.versions.c.version).where(self.versions.c.name == name)
                             .limit(1)).first() is not None
 
-    def _fetch(self, name: str, version: int, sha256: str) -> Path:
-        """Local path of a version's model.pt: in place for local storage, else cached (verified)."""
-        path = f"{model_prefix(name, version)}/model.pt"
+    def _fetch(self, name: str, version: int, file: str, sha256: str | None) -> Path:
+        """Local path of a version's ``file`` (model.pt, model.onnx): in place for local storage, else cached
+        (verified against ``sha256``)."""
+        path = f"{model_prefix(name, version)}/{file}"
         local = self.storage.local_path(path)
         if local is not None:
             if not Path(local).exists():
                 raise NotFound(f"model {name}:{version} is registered but {path} is missing from storage")
             return Path(local)
-        target = self.cache_dir / "models" / name / str(version) / "model.pt"
+        target = self.cache_dir / "models" / name / str(version) / file
         if target.exists():
             return target  # versions are immutable: a verified cached copy stays valid
         with self.storage.open(path, "rb") as src:

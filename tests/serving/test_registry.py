@@ -17,8 +17,10 @@ def test_versions_increment_with_files_and_card(registry, trained, serve_setting
     v2 = registry.register_checkpoint("digits", trained, checkpoint="best")
     assert (v1["version"], v2["version"]) == (1, 2)
     folder = Path(serve_settings.storage) / "models" / "digits" / "1"
-    assert sorted(p.name for p in folder.iterdir()) == ["card.json", "model.pt", "model.safetensors"]
     card = json.loads((folder / "card.json").read_text())
+    onnx = ["model.onnx"] if card["runtime"]["name"] == "onnxruntime" else []
+    assert sorted(p.name for p in folder.iterdir()) == sorted(card["files"]) == ["card.json", *onnx, "model.pt",
+                                                                                  "model.safetensors"]
     assert card["sha256"] == hashlib.sha256((folder / "model.pt").read_bytes()).hexdigest() == v1["sha256"]
     assert card["classes"] == [str(i) for i in range(10)] and card["version"] == 1
     assert {"mean", "std"} <= set(card["normalization"]) and card["config"]["model"]["name"] == "small_cnn"
