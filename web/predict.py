@@ -37,6 +37,9 @@ def _bombs_are_errors(state) -> None:
 
 
 PREDICT_TIMEOUT_S = 30.0  # a request waits this long for its batch, then answers 503
+QUEUE_FULL_RETRY_S = 1    # Retry-After when a model's queue is full: it drains in well under a second
+
+
 def pixel_budget(settings) -> int:
     """Decoded pixels one request may hold (Settings.max_predict_pixels; default 32 Mpx: one large
     photo or 64 inputs of 724x724, at most ~128 MiB decoded)."""
@@ -189,7 +192,7 @@ def predict():
         raise InvalidInput(f"model reference {ref!r} is not name, name:version or name@alias", code="bad_model_ref")
     inputs = read_inputs(settings)  # sizes checked before the model is even looked up
     served, rows = _run(ref, inputs)
-    body = {"model": {"name": served.name, "version": served.version},
+    body = {"model": {"name": served.name, "version": served.version, "runtime": served.model.runtime},
             "predictions": served.model.label_rows(*rows)}
     return current_app.response_class(json.dumps(body, separators=(",", ":")), mimetype="application/json")
 
@@ -219,7 +222,10 @@ def _run(ref: str, inputs: list):
 
 def _forward_fault(exc: ForwardError, model: str) -> Exception:
     """What the client hears when the forward process could not load or run ``model``."""
-    if exc.kind in ("QueueFull", "MemoryError", "OutOfMemoryError"):  # transient: retry
+    if exc.kind == "QueueFull":  # refused at once: the model's queue is full
+        return Unavailable(f"model {model} is at capacity ({exc.detail}); retry shortly", code="queue_full",
+                           retry_after=QUEUE_FULL_RETRY_S)
+    if exc.kind in ("MemoryError", "OutOfMemoryError"):  # transient: retry
         return Unavailable(f"server busy ({exc.kind}: {exc.detail}); retry shortly")
     # a server-side fault on valid input (a corrupt stored model...): 500, its cause in the server log
     return RuntimeError(f"model {model} failed in the forward process: {exc}")

@@ -5,6 +5,7 @@ Predictor on the same checkpoint.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import tempfile
@@ -153,9 +154,12 @@ def test_registry_builds_run_in_the_forward_process(serve_settings, registry, tr
     try:
         version = registry.register_checkpoint("remote", trained, build=serving.build_artifacts)
         folder = Path(serve_settings.storage) / "models/remote/1"
-        assert sorted(p.name for p in folder.iterdir()) == ["card.json", "model.pt", "model.safetensors"]
+        assert sorted(p.name for p in folder.iterdir()) == ["card.json", "model.onnx", "model.pt", "model.safetensors"]
         assert version["classes"] == [str(i) for i in range(10)]
         assert hashlib.sha256((folder / "model.pt").read_bytes()).hexdigest() == version["sha256"]
+        runtime = json.loads((folder / "card.json").read_text())["runtime"]
+        assert runtime["name"] in ("onnxruntime", "eager") and "eager" in runtime["measured"]
+        assert runtime.get("sha256") in (None, hashlib.sha256((folder / "model.onnx").read_bytes()).hexdigest())
         torch.save({"model": {}}, tmp_path / "foreign.pt")
         with pytest.raises(InvalidInput, match="not a Kiln training checkpoint"):
             registry.register_checkpoint("remote", tmp_path / "foreign.pt", build=serving.build_artifacts)

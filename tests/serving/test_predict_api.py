@@ -20,13 +20,14 @@ def error_of(resp, status: int) -> dict:
     return body["error"]
 
 
-def test_multipart_raw_and_json_inputs(client, digit_pngs):
+def test_multipart_raw_and_json_inputs(client, registered, digit_pngs):
     files = [(io.BytesIO(data), f"{i}.png") for i, (data, _) in enumerate(digit_pngs[:3])]
     resp = client.post("/predict?model=digits@production&top_k=2", data={"image": files},
                        content_type="multipart/form-data")
     assert resp.status_code == 200, resp.get_data(as_text=True)
     body = resp.get_json()
-    assert body["model"] == {"name": "digits", "version": 1}
+    runtime = registered.resolve_model("digits:1")["card"]["runtime"]["name"]  # what its card chose
+    assert body["model"] == {"name": "digits", "version": 1, "runtime": runtime}
     assert len(body["predictions"]) == 3 and all(len(p["top_k"]) == 2 for p in body["predictions"])
 
     raw = client.post("/predict?model=digits:2", data=digit_pngs[0][0], content_type="image/png")
@@ -164,13 +165,22 @@ def test_models_api(client, trained):
     error_of(client.post("/v1/models", json={"name": "bad name", "job_id": "x"}), 422)
 
 
+def version_runtime(client, version: int) -> str:
+    """The runtime the registered version's card names."""
+    from worker.registry import Registry
+
+    registry = Registry.from_settings(client.application.config["KILN_SETTINGS"])
+    return registry.resolve_model(f"digits:{version}")["card"]["runtime"]["name"]
+
+
 def test_registering_a_succeeded_job_serves_its_new_version(client, succeeded_job, digit_pngs):
     resp = client.post("/v1/models", json={"name": "digits", "job_id": succeeded_job})
     assert resp.status_code == 201, resp.get_data(as_text=True)
     version = resp.get_json()
     assert version["version"] == 3 and version["job_id"] == succeeded_job and version["checkpoint"] == "best"
     served = client.post("/predict?model=digits:3", data=digit_pngs[0][0], content_type="image/png")
-    assert served.status_code == 200 and served.get_json()["model"] == {"name": "digits", "version": 3}
+    assert served.status_code == 200
+    assert served.get_json()["model"] == {"name": "digits", "version": 3, "runtime": version_runtime(client, 3)}
     missing = error_of(client.post("/v1/models", json={"name": "digits", "job_id": succeeded_job,
                                                        "checkpoint": "last"}), 404)
     assert "no last checkpoint" in missing["message"]

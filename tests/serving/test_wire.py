@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from web.serving import wire
-from web.serving.web_client import ForwardClient, ForwardDied, SocketPlace, _connect_unix
+from web.serving.web_client import ForwardClient, ForwardDied
+from web.serving.web_place import SocketPlace, connect_unix
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -183,7 +184,7 @@ def test_another_user_can_neither_connect_nor_pose_as_the_forward_process(tmp_pa
     try:
         assert impostor.stdout.readline().strip() == "ready"
         with pytest.raises(PermissionError, match="uid 65534"):
-            _connect_unix(path)
+            connect_unix(path)
     finally:
         impostor.kill()
         impostor.wait()
@@ -203,7 +204,7 @@ def test_a_pickle_sent_to_the_forward_process_runs_nothing(tmp_path, forward_soc
         for blob in (pickle.dumps((1, "ping", Exploit())),
                      raw_frame(pickle.dumps(Exploit())),
                      struct.pack("!i", 40) + pickle.dumps(Exploit())):  # multiprocessing.connection's framing
-            with _connect_unix(forward_socket) as s:
+            with connect_unix(forward_socket) as s:
                 s.sendall(blob)
                 s.shutdown(socket.SHUT_WR)
                 s.settimeout(30)
@@ -269,7 +270,7 @@ def test_a_listener_that_does_not_greet_is_not_a_live_forward_process(tmp_path):
         t.start()
         try:
             with pytest.raises(ConnectionRefusedError, match="exiting"):
-                _connect_unix(path)
+                connect_unix(path)
         finally:
             t.join()
         assert mode(path) == 0o600

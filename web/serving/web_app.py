@@ -1,6 +1,7 @@
 """Web process: one Flask app's serving state (its ForwardClient and ModelCache), made on first use.
 
-Also where registration's artifact build is sent to the forward process, so no web route imports torch.
+Also where registration's artifact build is sent to the forward process, so no web route imports torch,
+and where /ready reads each served model's readiness (from the last heartbeat: no call to the forward process).
 """
 from __future__ import annotations
 
@@ -10,11 +11,15 @@ import threading
 from flask import current_app
 
 from web import context
-from web.serving.web_client import ForwardClient, ForwardError, SocketPlace
+from web.serving.web_client import HANG_S, HEARTBEAT_S, ForwardClient, ForwardError
 from web.serving.web_models import ModelCache
+from web.serving.web_place import SocketPlace
 from worker.errors import InvalidInput
 
 EXTENSION = "kiln.serving"
+# Inputs of one model that may wait for a forward pass in the host's forward process; beyond, /predict
+# answers 503 with Retry-After at once. Eight full batches: at 1-2 ms per input, under 0.5 s of work.
+MAX_QUEUE = 256
 _lock = threading.Lock()
 
 
@@ -39,10 +44,10 @@ def forward_workers(settings) -> int:
 class Serving:
     """The forward connection of this web process and the model versions it serves through it."""
 
-    def __init__(self, settings, resolve):
+    def __init__(self, settings, resolve, *, max_queue: int = MAX_QUEUE):
         loaded = max_loaded_models(settings)
         self.forward = ForwardClient(workers=forward_workers(settings), max_batch_size=settings.max_batch_size,
-                                     max_delay_ms=settings.max_delay_ms, max_models=loaded,
+                                     max_delay_ms=settings.max_delay_ms, max_models=loaded, max_queue=max_queue,
                                      address=SocketPlace.from_settings(settings))
         self.models = ModelCache(resolve, self.forward, refresh_s=settings.model_refresh_s, max_loaded=loaded)
 
@@ -57,6 +62,30 @@ class Serving:
             if exc.kind == "InvalidInput":
                 raise InvalidInput(exc.detail) from None
             raise
+
+    def readiness(self) -> dict[str, dict]:
+        """One check per model version this process serves, as /ready lists them ({"ok", ...}).
+
+        Not ready: the forward process has sent no heartbeat answer for longer than it may (it is
+        being replaced), or the version's queue is full. With no connection (nothing served yet,
+        or the forward process is gone) every version is ready: the next request starts one.
+        """
+        served = self.models.served()
+        silent = self.forward.silent_s()  # None: not connected
+        health = self.forward.health
+        report = {} if health is None else health[1]
+        queued = {(name, version): n for name, version, n in report.get("queued", [])}
+        limit = report.get("max_queue", self.forward.max_queue)
+        checks = {}
+        for s in served:
+            check = {"ok": True, "runtime": s.model.runtime, "queued": queued.get((s.name, s.version), 0),
+                     "max_queue": limit}
+            if silent is not None and silent > HANG_S + 2 * HEARTBEAT_S:
+                check.update(ok=False, error="ForwardUnresponsive: no heartbeat answer from the forward process")
+            elif check["queued"] >= limit:
+                check.update(ok=False, error=f"QueueFull: {check['queued']} inputs wait (at most {limit})")
+            checks[f"model {s.name}:{s.version}"] = check
+        return checks
 
     def close(self) -> None:
         self.models.clear()
@@ -74,3 +103,10 @@ def serving(app=None) -> Serving:
                 state = Serving(context.settings(app), context.kiln(app).resolve_model)
                 app.extensions[EXTENSION] = state
     return state
+
+
+def readiness(app=None) -> dict[str, dict]:
+    """Per-model checks for /ready: {"model <name>:<version>": {"ok", "runtime", "queued", "max_queue"
+    [, "error"]}} for the versions this web process serves; {} before it serves any. Never blocks."""
+    state = (app or current_app).extensions.get(EXTENSION)
+    return {} if state is None else state.readiness()

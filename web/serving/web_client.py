@@ -1,41 +1,40 @@
 """Web process: ``ForwardClient``, one connection to the forward process (``python -m web.serving.forward_process``).
 
 No torch here: request threads send uint8 arrays and get top-k rows back (see forward_process.py),
-framed by wire.py. ``SocketPlace`` says where the host's shared forward process listens.
+framed by wire.py. A heartbeat tells a hung forward process (stopped, deadlocked) from a busy
+one; a hung one is killed, and the next request starts a new one. ``web_place.SocketPlace``
+says where the host's shared forward process listens.
 """
 from __future__ import annotations
 
-import fcntl
 import itertools
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import Future
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from ml.files import atomic_write
 from web.serving import wire
+from web.serving.web_place import SocketPlace, connect_unix
 from worker.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 180.0   # importing torch and loading a model on a busy small machine
-SOCKET_NAME = "forward.sock"
-MAX_SOCKET_PATH = 100     # sun_path holds 108 bytes, its NUL included
-HELLO_TIMEOUT_S = 30.0    # a live forward process greets a new connection at once
+HEARTBEAT_S = 1.0         # how often a connected web process asks the forward process how it is
+HANG_S = 5.0              # nothing heard for this long while a heartbeat waits: hung, so killed and replaced
+STUCK_S = 120.0           # one forward pass running this long is stuck inside its runtime: the same
 
 
 class ForwardError(RuntimeError):
     """The forward process could not run a request (bad checkpoint, shape mismatch, out of memory...).
 
-    ``kind`` is the exception's class name there (``QueueFull`` when too many requests wait).
+    ``kind`` is the exception's class name there (``QueueFull`` when too many inputs wait for the model).
     """
 
     def __init__(self, kind: str, message: str):
@@ -47,90 +46,33 @@ class ForwardDied(Unavailable):
     """The forward process exited or stopped answering (503); the next call starts or reaches a new one."""
 
 
-class SocketPlace:
-    """Where the host's shared forward process listens: a socket file (0600) in a directory only
-    this user can enter, found the same way by every web process of the host.
-
-    By default that is ``<home>/forward/forward.sock``. A home too long for a unix socket path
-    gets a directory from ``tempfile.mkdtemp`` (unpredictable name, mode 0700) whose path is
-    recorded in ``<home>/forward/address``; an explicit ``path`` (KILN_FORWARD_SOCKET) must sit
-    in a directory of this user's with mode 0700 (created so if missing).
-    """
-
-    def __init__(self, *, home: str | os.PathLike | None = None, path: str | None = None):
-        if (home is None) == (path is None):
-            raise ValueError("SocketPlace takes a home or an explicit socket path")
-        self.explicit = None if path is None else os.path.abspath(path)
-        self.folder = Path(self.explicit).parent if self.explicit else Path(home) / "forward"
-
-    @classmethod
-    def from_settings(cls, settings) -> "SocketPlace | None":
-        """The settings' place for the shared forward process; None for one private process per web process."""
-        if settings.forward_socket == "private":
-            return None
-        if settings.forward_socket:
-            return cls(path=settings.forward_socket)
-        return cls(home=settings.home_path)
-
-    def find(self) -> str | None:
-        """The socket path to try now (None: none is recorded yet, or the recorded one is not safe)."""
-        if self.explicit:
-            return self.explicit
-        path = self.folder / SOCKET_NAME
-        if len(str(path)) <= MAX_SOCKET_PATH:
-            return str(path)
-        try:
-            recorded = Path((self.folder / "address").read_text().strip())
-            wire.private_dir(recorded.parent, ours=False, create=False)  # ours, 0700, not a link: else afresh
-        except (OSError, ValueError):
-            return None
-        return str(recorded)
-
-    @contextmanager
-    def lock(self) -> Iterator[None]:
-        """Held by the one web process that starts the forward process; the others wait, then connect."""
-        wire.private_dir(self.folder, ours=self.explicit is None)
-        name = f"{SOCKET_NAME}.lock" if self.explicit is None else f"{Path(self.explicit).name}.lock"
-        with open(self.folder / name, "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            yield
-
-    def claim(self) -> str:
-        """The socket path a new forward process should listen on (call with ``lock`` held)."""
-        path = self.find()
-        if path is not None:
-            return path
-        folder = wire.private_dir(tempfile.mkdtemp(prefix="kiln-fwd-"))  # mkdtemp makes it 0700
-        path = str(folder / SOCKET_NAME)
-        if len(path) > MAX_SOCKET_PATH:
-            raise OSError(f"no short socket path: {path} is over {MAX_SOCKET_PATH} bytes; set TMPDIR or "
-                          "KILN_FORWARD_SOCKET to a shorter place")
-        atomic_write(self.folder / "address", path.encode(), mode=0o600)
-        return path
-
-
 class ForwardClient:
     """One web process's connection to a forward process; any number of requests in flight.
 
     ``address`` is the host's shared forward process (a ``SocketPlace`` or an explicit socket
     path, started on demand), or None for a private child on a socket pair. Replies are
     matched to requests by id on a reader thread, so request threads only wait on their own
-    future. ``workers``, ``max_batch_size``, ``max_delay_ms``, ``max_models`` and ``device``
-    configure a forward process this client starts.
+    future. ``workers``, ``max_batch_size``, ``max_delay_ms``, ``max_models``, ``max_queue`` and
+    ``device`` configure a forward process this client starts. ``hang_s``: see HANG_S.
     """
 
     def __init__(self, *, workers: int = 1, max_batch_size: int = 32, max_delay_ms: float = 5.0,
-                 max_models: int = 4, device: str | None = None, address: SocketPlace | str | None = None):
+                 max_models: int = 4, max_queue: int = 256, device: str | None = None,
+                 address: SocketPlace | str | None = None, hang_s: float = HANG_S):
         self.workers, self.device = max(1, int(workers)), device
         self.address = SocketPlace(path=address) if isinstance(address, str) else address
         self.max_batch_size, self.max_delay_ms = int(max_batch_size), float(max_delay_ms)
-        self.max_models = max(1, int(max_models))
+        self.max_models, self.max_queue = max(1, int(max_models)), max(1, int(max_queue))
+        self.hang_s = float(hang_s)
         self._lock = threading.Lock()           # connection state + sends
         self._sock: socket.socket | None = None
+        self._peer_pid: int | None = None       # the forward process at the other end, as the kernel says
         self._proc: subprocess.Popen | None = None
         self._pending: dict[int, Future] = {}
         self._ids = itertools.count(1)
         self._closed = False
+        self._heard = 0.0                       # when the last frame came from the forward process
+        self.health: tuple[float, dict] | None = None  # (when, the last heartbeat's answer) on this connection
 
     # ------------------------------------------------------------------ calls
     def submit(self, op: str, *args, array=None) -> Future:
@@ -158,16 +100,16 @@ class ForwardClient:
         except TimeoutError:
             raise ForwardDied(f"the forward process did not answer in {timeout:g} s") from None
 
-    def load(self, key: tuple[str, int], path: str) -> dict:
-        """Load the model at ``path`` under ``key`` (idempotent); returns its description."""
-        return self.call("load", list(key), str(path))
+    def load(self, key: tuple[str, int], model: str | dict) -> dict:
+        """Load ``model`` (a model.pt path, or {"path", "runtime"}) under ``key`` (idempotent); its description."""
+        return self.call("load", list(key), model)
 
-    def run(self, key: tuple[str, int], path: str, arrays: Any, top_k: int) -> Future:
+    def run(self, key: tuple[str, int], model: str | dict, arrays: Any, top_k: int) -> Future:
         """uint8 [N,S,S,C] -> future of {"values", "indices", "batch", "batch_id", "first", "wait_s"}.
 
-        ``path`` lets a restarted forward process load the model again by itself.
+        ``model`` (as for ``load``) lets a restarted forward process load the version again by itself.
         """
-        return self.submit("run", list(key), str(path), int(top_k), array=arrays)
+        return self.submit("run", list(key), model, int(top_k), array=arrays)
 
     def unload(self, key: tuple[str, int]) -> None:
         """This web process no longer needs ``key`` (the model stays while others use it)."""
@@ -191,6 +133,11 @@ class ForwardClient:
         """The model versions the forward process holds, least recently used first."""
         return [(name, version) for name, version in self.call("models")]
 
+    def silent_s(self) -> float | None:
+        """Seconds since the forward process last sent anything; None while not connected."""
+        with self._lock:
+            return None if self._sock is None else time.monotonic() - self._heard
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
@@ -200,7 +147,8 @@ class ForwardClient:
     def _argv(self, *extra: str) -> list[str]:
         return [sys.executable, "-m", "web.serving.forward_process", "--workers", str(self.workers),
                 "--max-batch-size", str(self.max_batch_size), "--max-delay-ms", str(self.max_delay_ms),
-                "--max-models", str(self.max_models), "--device", self.device or "", *extra]
+                "--max-models", str(self.max_models), "--max-queue", str(self.max_queue),
+                "--device", self.device or "", *extra]
 
     def _env(self) -> dict:
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -221,11 +169,13 @@ class ForwardClient:
             finally:
                 theirs.close()
             log.info("started private forward process %d (%d forward workers)", self._proc.pid, self.workers)
-            sock = ours
+            sock, self._peer_pid = ours, self._proc.pid
         else:
             sock = self._shared_socket()
-        self._sock = sock
+            self._peer_pid = (wire.peer_pid_uid(sock) or (None, None))[0]
+        self._sock, self._heard, self.health = sock, time.monotonic(), None
         threading.Thread(target=self._read, args=(sock,), name="kiln-forward-reader", daemon=True).start()
+        threading.Thread(target=self._heartbeat, args=(sock,), name="kiln-forward-heartbeat", daemon=True).start()
         return sock
 
     def _shared_socket(self) -> socket.socket:
@@ -234,13 +184,13 @@ class ForwardClient:
         path = place.find()
         if path is not None:
             try:
-                return _connect_unix(path)
+                return connect_unix(path)
             except (ConnectionError, FileNotFoundError):
                 pass
         with place.lock():  # one starter per host; the others wait, then connect
             path = place.claim()
             try:
-                return _connect_unix(path)
+                return connect_unix(path)
             except (ConnectionError, FileNotFoundError):
                 pass
             self._proc = subprocess.Popen(self._argv("--listen", path), env=self._env(),
@@ -251,7 +201,7 @@ class ForwardClient:
             deadline = time.monotonic() + START_TIMEOUT_S
             while True:
                 try:
-                    return _connect_unix(path)
+                    return connect_unix(path)
                 except (ConnectionError, FileNotFoundError):
                     if self._proc.poll() is not None or time.monotonic() > deadline:
                         raise OSError(f"forward process did not start (exit code {self._proc.poll()})") from None
@@ -259,9 +209,10 @@ class ForwardClient:
 
     def _read(self, sock: socket.socket) -> None:
         """Reader thread: resolve each reply's future; on EOF fail everything still pending."""
+        reader = wire.Reader(sock)
         while True:
             try:
-                reply, _ = wire.recv(sock)
+                reply, _ = reader.recv()
                 rid, ok = reply["id"], reply["ok"]
             except (EOFError, OSError, KeyError) as exc:
                 broke = isinstance(exc, (wire.ProtocolError, KeyError))
@@ -270,6 +221,7 @@ class ForwardClient:
                         self._drop_connection(f"the forward process broke the protocol ({exc})" if broke
                                               else "the forward process exited")
                 return
+            self._heard = time.monotonic()
             with self._lock:
                 fut = self._pending.pop(rid, None)
             if fut is None or fut.cancelled():
@@ -280,10 +232,55 @@ class ForwardClient:
                 kind, message = reply.get("error") or ("Error", "no detail")
                 fut.set_exception(ForwardError(str(kind), str(message)))
 
+    def _heartbeat(self, sock: socket.socket) -> None:
+        """While ``sock`` is the connection: ask for the forward process's health every HEARTBEAT_S; kill it
+        when nothing at all has come from it for ``hang_s`` after asking, or a forward pass runs past STUCK_S."""
+        while True:
+            time.sleep(HEARTBEAT_S)
+            asked = time.monotonic()
+            with self._lock:
+                if self._sock is not sock:
+                    return
+                rid = next(self._ids)
+                fut = self._pending[rid] = Future()
+                try:
+                    wire.send(sock, {"id": rid, "op": "health", "args": []})
+                except OSError:
+                    pass  # the reader sees the connection go
+            while not fut.done():
+                try:
+                    fut.result(timeout=min(self.hang_s, HEARTBEAT_S) / 4)
+                except TimeoutError:
+                    silent = time.monotonic() - max(asked, self._heard)
+                    if silent > self.hang_s:
+                        return self._kill(sock, f"no answer for {silent:.1f} s")
+                except Exception:  # noqa: BLE001 - ForwardDied: the connection is gone
+                    return
+            if fut.exception() is None:
+                health = fut.result()
+                self.health = (time.monotonic(), health)
+                if health.get("busy_s", 0) > STUCK_S:
+                    return self._kill(sock, f"a forward pass has run for {health['busy_s']:.0f} s")
+
+    def _kill(self, sock: socket.socket, why: str) -> None:
+        """The forward process at the other end of ``sock`` is hung: kill it and fail what waits on it."""
+        with self._lock:
+            if self._sock is not sock:
+                return
+            pid = self._peer_pid
+            log.error("forward process %s is hung (%s): killing it; the next request starts a new one", pid, why)
+            if pid is not None:
+                try:
+                    os.kill(pid, signal.SIGKILL)  # a stopped process dies of SIGKILL too
+                except OSError:
+                    pass
+            self._drop_connection(f"the forward process stopped answering ({why})")
+
     def _drop_connection(self, why: str) -> None:
         """Close the connection (lock held) and fail its requests; the next submit reconnects."""
         sock, self._sock = self._sock, None
         pending, self._pending = self._pending, {}
+        self.health = None
         if sock is not None:
             try:  # shutdown first: close() alone leaves the reader thread's recv() holding it open
                 sock.shutdown(socket.SHUT_RDWR)
@@ -300,26 +297,3 @@ class ForwardClient:
                 self._proc.kill()
                 self._proc.wait()
             self._proc = None
-
-
-def _connect_unix(path: str) -> socket.socket:
-    """A connection to the live forward process at ``path``: PermissionError if another user listens
-    there, ConnectionRefusedError if the one there is exiting (no hello)."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.connect(path)
-        wire.check_peer(s)
-        # A killed process accepts connections into its backlog until its files close: only a
-        # hello says that someone will answer.
-        s.settimeout(HELLO_TIMEOUT_S)
-        try:
-            hello, _ = wire.recv(s)
-        except EOFError:
-            raise ConnectionRefusedError(f"the forward process on {path} is exiting") from None
-        if hello.get("hello") != wire.HELLO:
-            raise wire.ProtocolError(f"{path} is not a forward process of this version")
-        s.settimeout(None)
-    except OSError:
-        s.close()
-        raise
-    return s

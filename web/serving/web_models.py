@@ -16,13 +16,21 @@ from web.serving.web_client import ForwardClient
 log = logging.getLogger(__name__)
 
 
-class RemoteModel:
-    """A model version loaded in the forward process, as a web process sees it: classes and input geometry."""
+def model_spec(info: dict) -> dict:
+    """What the forward process loads for a resolved version: model.pt and the runtime its card chose."""
+    runtime = info.get("runtime") or {}
+    return {"path": str(info["path"]),
+            "runtime": {"name": str(runtime.get("name") or "eager"), "path": runtime.get("path")}}
 
-    def __init__(self, key: tuple[str, int], path: str, description: dict, forward: ForwardClient):
-        self.key, self.path, self.forward = key, str(path), forward
+
+class RemoteModel:
+    """A model version loaded in the forward process, as a web process sees it: classes, input geometry, runtime."""
+
+    def __init__(self, key: tuple[str, int], spec: dict, description: dict, forward: ForwardClient):
+        self.key, self.spec, self.forward = key, spec, forward
         self.classes = [str(c) for c in description["classes"]]
         self.image_size, self.in_channels = int(description["image_size"]), int(description["in_channels"])
+        self.runtime = str(description.get("runtime") or "eager")
 
     def prepare(self, x, index: int = 0):
         """One decoded input -> uint8 [S,S,C] through this model's eval transform (ValueError names it)."""
@@ -33,7 +41,7 @@ class RemoteModel:
 
     def submit(self, arrays, top_k: int):
         """Future of this version's top-k rows for uint8 inputs [N,S,S,C] (batched in the forward process)."""
-        return self.forward.run(self.key, self.path, arrays, top_k)
+        return self.forward.run(self.key, self.spec, arrays, top_k)
 
 
 class Served:
@@ -134,7 +142,8 @@ class ModelCache:
             with self._lock:
                 if key in self._models:
                     return self._models[key]
-            model = RemoteModel(key, info["path"], self.forward.load(key, info["path"]), self.forward)
+            spec = model_spec(info)
+            model = RemoteModel(key, spec, self.forward.load(key, spec), self.forward)
             served = Served(key[0], key[1], model)
             with self._lock:
                 self._models[key] = served
@@ -163,6 +172,11 @@ class ModelCache:
         """The versions this process serves now, least recently used first."""
         with self._lock:
             return list(self._models)
+
+    def served(self) -> list[Served]:
+        """The versions this process serves now, as Served, least recently used first."""
+        with self._lock:
+            return list(self._models.values())
 
     def clear(self) -> None:
         """Forget every loaded version and ref (the forward connection stays with its owner)."""

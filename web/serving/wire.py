@@ -25,39 +25,91 @@ PREFIX = struct.Struct("!4sIQ")  # magic, header bytes, payload bytes
 MAX_HEADER = 64 << 20            # a model card with its config and metrics is a few KiB
 MAX_PAYLOAD = 4 << 30            # inputs [N,S,S,C] of one request
 DTYPES = {"uint8": np.uint8}     # the forward protocol carries uint8 images only
-CHUNK = 1 << 20
+CHUNK = 1 << 20                  # most bytes one read asks for
+BUFFER = 1 << 16                 # what a Reader reads at once for small frames (several answers fit)
 
 
 class ProtocolError(ConnectionError):
     """A frame that breaks the protocol: the connection it came on is closed."""
 
 
-def send(sock: socket.socket, header: dict, array: np.ndarray | None = None) -> None:
-    """Write one frame: ``header`` as JSON and ``array`` (uint8) as raw bytes. Not thread-safe: lock around it."""
+def encode(header: dict, array: np.ndarray | None = None) -> bytes:
+    """One frame as bytes: ``header`` as JSON and ``array`` (uint8) as raw bytes."""
     payload = b""
     if array is not None:
         array = np.ascontiguousarray(array)
         if array.dtype.name not in DTYPES:
             raise TypeError(f"the forward protocol carries {', '.join(DTYPES)} arrays, not {array.dtype}")
         header = {**header, "array": {"dtype": array.dtype.name, "shape": list(array.shape)}}
-        payload = memoryview(array.reshape(-1))
+        payload = array.reshape(-1).data
     text = json.dumps(header, separators=(",", ":")).encode()
     if len(text) > MAX_HEADER or len(payload) > MAX_PAYLOAD:
         raise ValueError(f"message too large for the forward protocol ({len(text)} + {len(payload)} bytes)")
-    sock.sendall(PREFIX.pack(MAGIC, len(text), len(payload)) + text)
-    if len(payload):
-        sock.sendall(payload)
+    return b"".join((PREFIX.pack(MAGIC, len(text), len(payload)), text, payload))
+
+
+def send(sock: socket.socket, header: dict, array: np.ndarray | None = None) -> None:
+    """Write one frame (one system call for the whole frame). Not thread-safe: lock around it."""
+    sock.sendall(encode(header, array))
+
+
+class Reader:
+    """Frames from one socket, read in large chunks: several frames that arrived together cost one read."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock, self.buf, self.pos = sock, bytearray(), 0
+
+    def buffered(self) -> bool:
+        """Whether a whole frame is already buffered (a selector would not say the socket is readable)."""
+        have = len(self.buf) - self.pos
+        if have < PREFIX.size:
+            return False
+        _, header_len, payload_len = PREFIX.unpack_from(self.buf, self.pos)
+        return have >= PREFIX.size + header_len + payload_len
+
+    def recv(self) -> tuple[dict, np.ndarray | None]:
+        """The next frame -> (header, array or None); EOFError when the peer left, ProtocolError on a bad frame."""
+        return _parse(self._take)
+
+    def _take(self, n: int) -> bytearray:
+        have = len(self.buf) - self.pos
+        if have >= n:
+            out = self.buf[self.pos:self.pos + n]
+            self.pos += n
+            return out
+        out = bytearray(n)
+        out[:have] = memoryview(self.buf)[self.pos:]
+        self.buf, self.pos = bytearray(), 0
+        view, got = memoryview(out), have
+        while got < n:
+            if n - got >= BUFFER:  # a large payload goes straight into its own buffer
+                k = self.sock.recv_into(view[got:], min(n - got, CHUNK))
+            else:  # a small remainder reads whatever else has arrived too
+                self.buf = bytearray(BUFFER)
+                k = self.sock.recv_into(self.buf, BUFFER)
+                del self.buf[k:]
+                use = min(k, n - got)
+                view[got:got + use] = memoryview(self.buf)[:use]
+                self.pos, k = use, use
+            if k == 0:
+                raise EOFError("the peer closed the connection")
+            got += k
+        return out
 
 
 def recv(sock: socket.socket) -> tuple[dict, np.ndarray | None]:
     """Read one frame -> (header, array or None); EOFError when the peer left, ProtocolError on a bad frame."""
-    magic, header_len, payload_len = PREFIX.unpack(_read(sock, PREFIX.size))
+    return _parse(lambda n: _read(sock, n))
+
+
+def _parse(take) -> tuple[dict, np.ndarray | None]:
+    magic, header_len, payload_len = PREFIX.unpack(take(PREFIX.size))
     if magic != MAGIC:
         raise ProtocolError("not a forward-protocol frame")
     if header_len > MAX_HEADER or payload_len > MAX_PAYLOAD:
         raise ProtocolError(f"frame too large ({header_len} + {payload_len} bytes)")
     try:
-        header = json.loads(_read(sock, header_len))
+        header = json.loads(take(header_len))
     except (ValueError, RecursionError):
         raise ProtocolError("frame header is not JSON") from None
     if not isinstance(header, dict):
@@ -71,7 +123,7 @@ def recv(sock: socket.socket) -> tuple[dict, np.ndarray | None]:
     if math.prod(shape) * np.dtype(dtype).itemsize != payload_len:
         raise ProtocolError(f"array {shape} does not match its {payload_len} payload bytes")
     # a bytearray, so the array is writable (torch.from_numpy wants that)
-    return header, np.frombuffer(_read(sock, payload_len), dtype=dtype).reshape(shape)
+    return header, np.frombuffer(take(payload_len), dtype=dtype).reshape(shape)
 
 
 def _array_spec(spec: Any) -> tuple[type, list[int]]:
@@ -97,13 +149,19 @@ def _read(sock: socket.socket, n: int) -> bytearray:
 
 # ------------------------------------------------------------------- where they meet
 
-def peer_uid(sock: socket.socket) -> int | None:
-    """The uid of the process at the other end of a unix socket (None where the OS does not say)."""
+def peer_pid_uid(sock: socket.socket) -> tuple[int, int] | None:
+    """(pid, uid) of the process at the other end of a unix socket, as the kernel says (None where it does not)."""
     if not hasattr(socket, "SO_PEERCRED"):
         return None
     creds = struct.Struct("3i")  # struct ucred: pid, uid, gid
-    _, uid, _ = creds.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, creds.size))
-    return uid
+    pid, uid, _ = creds.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, creds.size))
+    return pid, uid
+
+
+def peer_uid(sock: socket.socket) -> int | None:
+    """The uid of the process at the other end of a unix socket (None where the OS does not say)."""
+    creds = peer_pid_uid(sock)
+    return None if creds is None else creds[1]
 
 
 def greet(sock: socket.socket) -> None:
