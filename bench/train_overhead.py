@@ -55,13 +55,8 @@ def run_kiln(cfg) -> tuple[float, float]:
 
 
 def run_ddp(cfg, ranks: int) -> tuple[float, float]:
-    """run_kiln with ``ranks`` processes of one intra-op thread each (they inherit this process's count)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return run_kiln(dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, processes=ranks)))
-    finally:
-        torch.set_num_threads(threads)
+    """run_kiln as ``ranks`` forked processes (one intra-op thread each: ml.distributed.rank_threads)."""
+    return run_kiln(dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, processes=ranks)))
 
 
 def run_plain(cfg) -> float:

@@ -180,7 +180,7 @@ class _Spec:
     device_type: str
     store_path: str
     timeout_s: float
-    threads: int               # the launcher's intra-op threads: the ranks share them (ml.runtime)
+    threads: int               # intra-op threads of each rank (rank_threads)
     stop: Any                  # a multiprocessing Event: the launcher sets it, rank 0 reads it
     conns: list                # one writable Connection per rank, to the launcher
     fn: Callable
@@ -193,6 +193,14 @@ def start_method(device_type: str) -> str:
     return "spawn" if device_type == "cuda" else "fork"
 
 
+def rank_threads(method: str, world_size: int) -> int:
+    """Intra-op threads of each rank. A forked rank runs one, as torchrun's default OMP_NUM_THREADS=1
+    does: a one-thread rank never enters an OpenMP parallel region, and a team the launcher ran
+    before the fork does not exist in the child (a rank using it would wait forever). A spawned
+    rank takes its share of the launcher's threads."""
+    return 1 if method == "fork" else max(1, torch.get_num_threads() // world_size)
+
+
 def launch(fn: Callable, world_size: int, args: tuple = (), *, device_type: str = "cpu",
            report: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None,
            timeout_s: float = COLLECTIVE_TIMEOUT_S, method: str | None = None, poll_s: float = 0.1,
@@ -202,18 +210,13 @@ def launch(fn: Callable, world_size: int, args: tuple = (), *, device_type: str 
     Raises ValueError if a rank raised one (the config or data error one process would raise),
     RankFailed if a rank died or a collective failed, RuntimeError for another error of a rank.
     Whatever happens, no rank outlives this call.
-
-    Forked ranks copy this process: start them before it runs multi-threaded torch work on CPU
-    (an OpenMP team does not survive a fork; a rank that waits on it is ended when its peers'
-    collectives time out). Kiln's job process and ``python -m ml.train`` start ranks first thing.
     """
     method = method or start_method(device_type)
     ctx = multiprocessing.get_context(method)
     pipes = [ctx.Pipe(duplex=False) for _ in range(world_size)]
     folder = tempfile.mkdtemp(prefix="kiln-ranks-")
     spec = _Spec(world_size, device_type, os.path.join(folder, "store"), timeout_s,
-                 torch.get_num_threads(), ctx.Event(),
-                 [w for _, w in pipes], fn, tuple(args))
+                 rank_threads(method, world_size), ctx.Event(), [w for _, w in pipes], fn, tuple(args))
     log.info("starting %d ranks (%s, %s)", world_size, "nccl" if device_type == "cuda" else "gloo", method)
     procs = None
     try:
@@ -314,7 +317,7 @@ def _entry(index: int, spec: _Spec) -> None:
             other.close()  # the launcher sees a rank's channel close when that rank ends
     rank = Rank(index, spec)
     try:
-        torch.set_num_threads(spec.threads)   # a spawned rank starts with torch's default
+        torch.set_num_threads(spec.threads)
         if rank.device.type == "cuda":
             torch.cuda.set_device(rank.device)
         dist.init_process_group(rank.backend, store=dist.FileStore(spec.store_path, spec.world_size),

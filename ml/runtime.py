@@ -42,18 +42,14 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def configure_threads(num_workers: int, processes: int = 1) -> int:
-    """Lower torch's intra-op threads so this process + its loader workers (times ``processes``
-    ranks on the host) fit the CPUs.
+def configure_threads(num_workers: int) -> int:
+    """Lower torch's intra-op threads so main process + loader workers fit the CPUs.
 
-    Never raises the count: a caller (test, worker, OMP_NUM_THREADS) that chose fewer is respected,
-    and ranks share what their launcher had.
+    Never raises the count: a caller (test, worker, OMP_NUM_THREADS) that chose fewer is respected.
     """
     if os.environ.get("OMP_NUM_THREADS") or os.environ.get("KILN_TORCH_THREADS"):
-        budget = torch.get_num_threads()
-    else:
-        budget = available_cpus() - num_workers * processes
-    want = max(1, budget // processes)
+        return torch.get_num_threads()
+    want = max(1, available_cpus() - num_workers)
     if want < torch.get_num_threads():
         torch.set_num_threads(want)
     return torch.get_num_threads()

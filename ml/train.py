@@ -156,7 +156,7 @@ def _train(cfg: TrainConfig, out: Path, rank, report, should_stop, resume: bool,
         data = build_data(cfg.data, seed=t.seed, in_channels=in_ch, dataset_roots=dataset_roots)
         cfg = _resolve(cfg, data)
         workers = resolve_num_workers(cfg.data.num_workers, data)
-        threads = runtime.configure_threads(workers, processes=world)
+        threads = runtime.configure_threads(workers)  # a rank starts with its share (ml.distributed)
         if main:
             (out / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
         model = build_model(cfg.model, cfg.model.num_classes, cfg.model.in_channels,

@@ -208,7 +208,17 @@ def _sum_of_ranks(rank):
     return rank.total([rank.index + 1.0]), torch.get_num_threads()
 
 
+def test_forked_ranks_run_one_thread_each(tmp_path):
+    torch.set_num_threads(2)        # the launcher ran (or may run) a 2-thread OpenMP team
+    try:
+        torch.randn(256, 256) @ torch.randn(256, 256)
+        total, threads = distributed.launch(_sum_of_ranks, 2)
+    finally:
+        torch.set_num_threads(1)
+    assert total == [3.0] and threads == 1
+
+
 def test_spawned_ranks_as_cuda_uses_them():
     assert distributed.start_method("cuda") == "spawn" and distributed.start_method("cpu") == "fork"
     total, threads = distributed.launch(_sum_of_ranks, 2, method="spawn")
-    assert total == [3.0] and threads == torch.get_num_threads()
+    assert total == [3.0] and threads == distributed.rank_threads("spawn", 2)
