@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast bench install clean
+.PHONY: run test test-fast test-gpu bench install clean
 
 $(STAMP): requirements.txt pyproject.toml
 	@command -v $(PY) >/dev/null || { echo "need $(PY) on PATH"; exit 1; }
@@ -29,6 +29,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not integration and not browser" $(PYTEST_ARGS)
+
+# The CUDA paths (AMP, pinned memory, channels_last, NCCL ranks, /predict on GPU, throughput): SKIP without CUDA.
+test-gpu: $(STAMP)
+	$(BIN)/python bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/train_overhead.py
