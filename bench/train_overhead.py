@@ -55,7 +55,7 @@ def run_kiln(cfg) -> tuple[float, float]:
 
 
 def run_ddp(cfg, ranks: int) -> tuple[float, float]:
-    """run_kiln as ``ranks`` forked processes (one intra-op thread each: ml.distributed.rank_threads)."""
+    """run_kiln as ``ranks`` forked processes (one intra-op thread each: ml.launch.rank_threads)."""
     return run_kiln(dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, processes=ranks)))
 
 

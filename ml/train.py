@@ -3,7 +3,7 @@
 Used by the CLI (``python -m ml.train CONFIG.yaml --set k=v --out DIR``) and by the Celery worker,
 which passes ``report`` (progress) and ``should_stop`` (cancellation) callables. With
 ``training.processes`` > 1 the same loop runs in every rank of a DistributedDataParallel group
-(ml.distributed): ``training.batch_size`` stays the global batch, and rank 0 writes the files.
+(ml.launch, ml.distributed): ``training.batch_size`` stays the global batch, and rank 0 writes the files.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from configs.schema import TrainConfig, dump_yaml
-from ml import distributed, runtime
+from ml import distributed, launch, runtime
 from ml.checkpoint import load_checkpoint, unwrap
 from ml.data import EpochSampler, batches_per_epoch, build_data, make_loader, resolve_num_workers
 from ml.logs import ActivationMonitor, MetricsLog, NoMetrics, close_log, open_log
@@ -122,17 +122,17 @@ def train(cfg: TrainConfig, out_dir, *, report=None, should_stop=None, resume: b
     ``report`` and ``should_stop`` are called here, never in a rank.
     """
     t = cfg.training
-    world, device_type = distributed.resolve_processes(t.processes, t.device, t.batch_size)
+    world, device_type = launch.resolve_processes(t.processes, t.device, t.batch_size)
     if world > 1:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        return distributed.launch(train_rank, world, (cfg, str(out_dir), resume, dataset_roots, console),
+        return launch.launch(train_rank, world, (cfg, str(out_dir), resume, dataset_roots, console),
                                   device_type=device_type, report=report, should_stop=should_stop)
     return _train(cfg, Path(out_dir), None, report, should_stop, resume, dataset_roots, console)
 
 
 def train_rank(rank, cfg: TrainConfig, out_dir: str, resume: bool = True,
                dataset_roots: Mapping[str, str] | None = None, console: bool = False) -> TrainResult:
-    """The run inside one rank (ml.distributed.launch calls it in each); rank 0 reports and writes."""
+    """The run inside one rank (ml.launch.launch calls it in each); rank 0 reports and writes."""
     return _train(cfg, Path(out_dir), rank, rank.report if rank.main else None, lambda: rank.stopped,
                   resume, dataset_roots, console and rank.main)
 
@@ -156,7 +156,7 @@ def _train(cfg: TrainConfig, out: Path, rank, report, should_stop, resume: bool,
         data = build_data(cfg.data, seed=t.seed, in_channels=in_ch, dataset_roots=dataset_roots)
         cfg = _resolve(cfg, data)
         workers = resolve_num_workers(cfg.data.num_workers, data)
-        threads = runtime.configure_threads(workers)  # a rank starts with its share (ml.distributed)
+        threads = runtime.configure_threads(workers)  # a rank starts with its share (ml.launch)
         if main:
             (out / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
         model = build_model(cfg.model, cfg.model.num_classes, cfg.model.in_channels,

@@ -206,12 +206,12 @@ def _record(job: dict, ctx: Context, owner: str, lease: Lease, outcome: Outcome)
 def run_train(run: JobRun) -> str:
     """kind=train: ml.train.train into the job's directory (resumes from checkpoints/last.pt).
 
-    With training.processes > 1 this job process starts the ranks (ml.distributed) in its own process
+    With training.processes > 1 this job process starts the ranks (ml.launch) in its own process
     group and supervises them: progress and cancel pass through it. A rank that dies or a collective
     that fails is a lost attempt: the job goes back to the queue and resumes from its last checkpoint.
     """
     from configs import parse_config
-    from ml.distributed import RankFailed
+    from ml.launch import RankFailed
     from ml.train import train
 
     cfg = parse_config(run.job["config"], "train")

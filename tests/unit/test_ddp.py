@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from configs.schema import ModelConfig
-from ml import distributed
+from ml import distributed, launch
 from ml.checkpoint import load_checkpoint
 from ml.data import EpochSampler
 from ml.evaluate import evaluate_checkpoint
@@ -75,7 +75,7 @@ def _count_no_sync(rank, cfg, out):
 def test_no_sync_on_the_inner_micro_batches_of_each_group(tmp_path):
     # 5 micro-batches an epoch, accumulation 3: groups [0 1 2] [3 4], inner ones 0, 1, 3
     cfg = tiny_config(*EVEN, "training.grad_accum_steps=3")
-    result, counts = distributed.launch(_count_no_sync, 2, (cfg, str(tmp_path)))
+    result, counts = launch.launch(_count_no_sync, 2, (cfg, str(tmp_path)))
     assert result.step == 2 * 2
     assert counts == [2 * 3, 2 * 3]
 
@@ -102,7 +102,7 @@ def _nonfinite_on_rank_1(rank):
 
 
 def test_nonfinite_guard_is_agreed_by_every_rank():
-    raised, message, steps = distributed.launch(_nonfinite_on_rank_1, 2)
+    raised, message, steps = launch.launch(_nonfinite_on_rank_1, 2)
     assert raised == 2 and steps == 0
     # rank 0's own loss and every gradient were finite: it stopped on the shared loss alone
     assert "non-finite loss at step 1" in message and "non-finite gradient: None" in message
@@ -154,8 +154,8 @@ def _train_and_die(rank, cfg, out, at_call):
 def test_a_killed_rank_ends_every_rank_and_the_run_resumes(tmp_path):
     cfg = tiny_config(*EVEN, "training.epochs=2", "model.name=small_cnn")
     t0 = time.monotonic()
-    with pytest.raises(distributed.RankFailed, match="rank 1 of 2 was killed by SIGKILL"):
-        distributed.launch(_train_and_die, 2, (cfg, str(tmp_path), 7))   # in epoch 2
+    with pytest.raises(launch.RankFailed, match="rank 1 of 2 was killed by SIGKILL"):
+        launch.launch(_train_and_die, 2, (cfg, str(tmp_path), 7))   # in epoch 2
     assert time.monotonic() - t0 < 60 and not multiprocessing.active_children()
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["epoch"] == 1
     done = train(two_ranks(cfg), tmp_path, console=False)
@@ -194,14 +194,14 @@ def test_sharded_sampler_splits_each_global_batch_of_the_one_process_order(world
 
 
 def test_resolve_processes():
-    assert distributed.resolve_processes(1, "auto", 32) == (1, "auto")
-    assert distributed.resolve_processes(2, "cpu", 32) == (2, "cpu")
+    assert launch.resolve_processes(1, "auto", 32) == (1, "auto")
+    assert launch.resolve_processes(2, "cpu", 32) == (2, "cpu")
     if not torch.cuda.device_count():
-        assert distributed.resolve_processes("auto", "auto", 32) == (1, "cpu")
+        assert launch.resolve_processes("auto", "auto", 32) == (1, "cpu")
     with pytest.raises(ValueError, match="multiple of training.processes 3"):
-        distributed.resolve_processes(3, "cpu", 32)
+        launch.resolve_processes(3, "cpu", 32)
     with pytest.raises(ValueError, match="names one device"):
-        distributed.resolve_processes(2, "cuda:1", 32)
+        launch.resolve_processes(2, "cuda:1", 32)
 
 
 def _sum_of_ranks(rank):
@@ -212,13 +212,13 @@ def test_forked_ranks_run_one_thread_each(tmp_path):
     torch.set_num_threads(2)        # the launcher ran (or may run) a 2-thread OpenMP team
     try:
         torch.randn(256, 256) @ torch.randn(256, 256)
-        total, threads = distributed.launch(_sum_of_ranks, 2)
+        total, threads = launch.launch(_sum_of_ranks, 2)
     finally:
         torch.set_num_threads(1)
     assert total == [3.0] and threads == 1
 
 
 def test_spawned_ranks_as_cuda_uses_them():
-    assert distributed.start_method("cuda") == "spawn" and distributed.start_method("cpu") == "fork"
-    total, threads = distributed.launch(_sum_of_ranks, 2, method="spawn")
-    assert total == [3.0] and threads == distributed.rank_threads("spawn", 2)
+    assert launch.start_method("cuda") == "spawn" and launch.start_method("cpu") == "fork"
+    total, threads = launch.launch(_sum_of_ranks, 2, method="spawn")
+    assert total == [3.0] and threads == launch.rank_threads("spawn", 2)
