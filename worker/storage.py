@@ -3,6 +3,10 @@
 Paths are relative POSIX paths (``jobs/<id>/train.log``); anything that could escape
 the root (``..``, absolute paths, backslashes, NUL) is refused. Writes are atomic:
 ``ml.files.atomic_write`` locally; object stores write whole objects anyway.
+
+Several hosts share one bucket, so nothing here trusts a listing made earlier: the filesystem is
+built with ``use_listings_cache=False`` (every list, info and exists asks the store), which also
+keeps a reader's ``open`` from checking a file against an ETag another host has since replaced.
 """
 from __future__ import annotations
 
@@ -45,7 +49,8 @@ class Storage:
     def __init__(self, url: str | os.PathLike):
         url = str(url)
         self.url = url
-        self.fs, root = fsspec.core.url_to_fs(url)
+        # no listing cache: another host may write between this process's listings and reads
+        self.fs, root = fsspec.core.url_to_fs(url, use_listings_cache=False)
         protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
         self.is_local = "file" in protocols
         self.root = str(Path(root).resolve()) if self.is_local else root.rstrip("/")
