@@ -1,7 +1,7 @@
-"""What runs inside a job process: the job's directory (local storage, or scratch synced to remote
-storage), its datasets, its local paths (checked against the data roots), progress at a bounded
-rate, cached cancel checks, log records tagged with the job id, and ``run_job``, which runs one
-runner and returns its Outcome."""
+"""What runs inside a job process: the job's directory (local storage, or scratch that
+worker.jobsync keeps in step with remote storage), its datasets, its local paths (checked against
+the data roots), progress at a bounded rate, cached cancel checks, log records tagged with the
+job id, and ``run_job``, which runs one runner and returns its Outcome."""
 from __future__ import annotations
 
 import contextlib
@@ -14,6 +14,7 @@ from typing import Callable
 from configs.names import is_id
 from configs.paths import check_paths, with_paths
 from worker.jobproc import Outcome, classify
+from worker.jobsync import DirSync
 
 log = logging.getLogger("kiln.worker")
 PROGRESS_KEYS = ("epoch", "epochs", "step", "total_steps", "percent", "eta_s")
@@ -117,6 +118,8 @@ def run_job(job: dict, ctx, owner: str, runner: Callable[["JobRun"], str], trans
     with job_id_logging(job["id"]):
         try:
             run.work_dir = work_dir_for(ctx, job["id"])
+            run.dir_sync = DirSync(ctx.storage, run.work_dir, f"jobs/{job['id']}")
+            run.dir_sync.mark_current()
             run.job = resolve_paths(ctx, job)
             run.dataset_roots = resolve_datasets(ctx, job["config"])
             outcome = Outcome(status=runner(run))
@@ -139,6 +142,7 @@ class JobRun:
     def __init__(self, job: dict, ctx, owner: str, lease):
         self.job, self.ctx, self.owner, self.lease = job, ctx, owner, lease
         self.work_dir: Path | None = None
+        self.dir_sync: DirSync | None = None
         self.dataset_roots: dict[str, str] = {}
         self.step = 0
         self._pending: dict | None = None
@@ -147,10 +151,6 @@ class JobRun:
         self._cancel = False
         self.every_s = ctx.settings.progress_every_s
 
-    @property
-    def remote(self) -> bool:
-        return self.ctx.storage.local_path("") is None
-
     def report(self, p: dict) -> None:
         """Progress from the runner; written to the store at most every progress_every_s (and at each epoch)."""
         self.step = int(p.get("step") or self.step)
@@ -158,8 +158,8 @@ class JobRun:
         event = p.get("event")
         if event in ("start", "epoch", "end") or time.monotonic() - self._last_write >= self.every_s:
             self.flush()
-        if event == "epoch":
-            self.sync()
+        if event == "epoch" and self.dir_sync is not None:
+            self.dir_sync.request()
 
     def flush(self, final: bool = False) -> None:
         p, self._pending = self._pending, None
@@ -187,10 +187,6 @@ class JobRun:
         return self._cancel
 
     def sync(self) -> None:
-        """Remote storage: upload the job directory (after each epoch and at the end)."""
-        if self.work_dir is None or not self.remote:
-            return
-        try:
-            self.ctx.storage.put_dir(self.work_dir, f"jobs/{self.job['id']}")
-        except Exception as exc:
-            log.warning("syncing the job directory to storage failed: %s", exc)
+        """The last round: what changed is uploaded (remote storage) and its sha256 recorded."""
+        if self.dir_sync is not None:
+            self.dir_sync.close()

@@ -70,7 +70,7 @@ class Kiln:
         if kind == "predict":
             self._check_model(cfg.model)
         job = self.store.create(kind, plain, max_attempts=self.settings.max_attempts)
-        self.storage.write_bytes(f"jobs/{job['id']}/config.yaml", dump_yaml(cfg).encode())
+        self.storage.write_recorded(f"jobs/{job['id']}", "config.yaml", dump_yaml(cfg).encode())
         self._send(job)
         return to_dict(self.store.get(job["id"]))
 

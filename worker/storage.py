@@ -7,10 +7,15 @@ the root (``..``, absolute paths, backslashes, NUL) is refused. Writes are atomi
 Several hosts share one bucket, so nothing here trusts a listing made earlier: the filesystem is
 built with ``use_listings_cache=False`` (every list, info and exists asks the store), which also
 keeps a reader's ``open`` from checking a file against an ETag another host has since replaced.
+
+Each artifact's sha256 is recorded when it is written: a prefix's ``.sha256.json`` maps each
+name to its sha256, size and version (S3's ETag, a local file's mtime). ``list`` trusts an entry
+only while the object's size and version match, and hashes the body otherwise.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import posixpath
 import shutil
@@ -22,6 +27,7 @@ from ml.files import TEMP_PREFIX, atomic_write
 from worker.errors import InvalidInput
 
 CHUNK = 1 << 20
+INDEX = ".sha256.json"  # per prefix: {name: {"sha256", "size", "version"}}
 
 
 def clean_path(path: str) -> str:
@@ -41,6 +47,17 @@ def sha256_file(fileobj) -> str:
     for chunk in iter(lambda: fileobj.read(CHUNK), b""):
         h.update(chunk)
     return h.hexdigest()
+
+
+def _version(info: dict):
+    """What changes whenever an object is rewritten: S3's ETag, else the modification time."""
+    for key in ("ETag", "etag", "mtime", "LastModified", "created"):
+        if info.get(key) is not None:
+            value = info[key]
+            if hasattr(value, "timestamp"):  # some filesystems give datetimes in info, floats in find
+                value = value.timestamp()
+            return value if isinstance(value, (str, int, float)) else str(value)
+    return None
 
 
 class Storage:
@@ -93,6 +110,59 @@ class Storage:
         with open(local, "rb") as src:
             atomic_write(full, lambda dst: shutil.copyfileobj(src, dst, CHUNK))
 
+    def upload(self, local: str | os.PathLike, path: str) -> dict:
+        """Copy one local file into storage, hashing what it sends: the entry ``record`` takes.
+
+        The file is read from one open descriptor, so a file replaced meanwhile (an atomic
+        rename) is sent whole in its old version; ``stat`` is that version's os.fstat.
+        """
+        full = self._full(path)
+        h = hashlib.sha256()
+        with open(local, "rb") as src:
+            stat = os.fstat(src.fileno())
+
+            def copy(dst) -> None:
+                for chunk in iter(lambda: src.read(CHUNK), b""):
+                    h.update(chunk)
+                    dst.write(chunk)
+
+            if self.is_local:
+                atomic_write(full, copy)
+            else:
+                self.fs.makedirs(posixpath.dirname(full), exist_ok=True)
+                with self.fs.open(full, "wb") as dst:
+                    copy(dst)
+        return {"sha256": h.hexdigest(), "size": stat.st_size,
+                "version": _version(self.fs.info(full)), "stat": (stat.st_size, stat.st_mtime_ns)}
+
+    def record(self, prefix: str, entries: dict[str, dict]) -> None:
+        """Merge {name: {"sha256", "size", "version"}} into ``prefix``'s record of checksums.
+
+        One writer per prefix at a time (the job's fenced holder, or the submitter before it).
+        """
+        if not entries:
+            return
+        index = self._read_index(prefix)
+        index.update({name: {k: e[k] for k in ("sha256", "size", "version")} for name, e in entries.items()})
+        self.write_bytes(f"{prefix}/{INDEX}", json.dumps(index, sort_keys=True).encode())
+
+    def entry(self, path: str, sha256: str, size: int) -> dict:
+        """The record entry of a file already in storage whose sha256 the caller computed."""
+        return {"sha256": sha256, "size": size, "version": _version(self.fs.info(self._full(path)))}
+
+    def write_recorded(self, prefix: str, name: str, data: bytes) -> None:
+        """write_bytes(prefix/name) and record its sha256."""
+        path = f"{prefix}/{name}"
+        self.write_bytes(path, data)
+        self.record(prefix, {name: self.entry(path, hashlib.sha256(data).hexdigest(), len(data))})
+
+    def _read_index(self, prefix: str) -> dict:
+        try:
+            index = json.loads(self.read_bytes(f"{prefix}/{INDEX}"))
+        except (FileNotFoundError, ValueError):
+            return {}
+        return index if isinstance(index, dict) else {}
+
     def put_dir(self, local_dir: str | os.PathLike, prefix: str) -> int:
         """Upload every file under ``local_dir`` to ``prefix``/...; returns the number of files."""
         local_dir = Path(local_dir)
@@ -123,20 +193,30 @@ class Storage:
         return int(self.fs.size(self._full(path)))
 
     def list(self, prefix: str, checksums: bool = True) -> list[dict]:
-        """Files under ``prefix``: [{name (relative to prefix), size, sha256}], sorted by name."""
+        """Files under ``prefix``: [{name (relative to prefix), size, sha256}], sorted by name.
+
+        sha256 comes from the prefix's record when it matches the object; only unrecorded or
+        changed objects are read and hashed.
+        """
         base = self._full(prefix)
-        if not self.fs.isdir(base):
+        found = self.fs.find(base, detail=True)
+        if not found:
             return []
+        index = self._read_index(prefix) if checksums and f"{base}/{INDEX}".lstrip("/") in {
+            k.lstrip("/") for k in found} else {}
         out = []
-        for full, info in sorted(self.fs.find(base, detail=True).items()):
+        for full, info in sorted(found.items()):
             if info.get("type") != "file":
                 continue
             name = posixpath.relpath(full if self.is_local else full.lstrip("/"),
                                      base if self.is_local else base.lstrip("/"))
-            if posixpath.basename(name).startswith(TEMP_PREFIX):
-                continue  # an atomic write in progress
+            if posixpath.basename(name).startswith(TEMP_PREFIX) or name == INDEX:
+                continue  # an atomic write in progress; the record of checksums
             item = {"name": name, "size": int(info.get("size") or 0)}
-            if checksums:
+            known = index.get(name) or {}
+            if checksums and known.get("size") == item["size"] and known.get("version") == _version(info):
+                item["sha256"] = known["sha256"]
+            elif checksums:
                 with self.fs.open(full, "rb") as f:
                     item["sha256"] = sha256_file(f)
             out.append(item)

@@ -76,3 +76,53 @@ def test_local_write_is_atomic(tmp_path, monkeypatch):
 
 def test_remote_storage_has_no_local_path():
     assert Storage("memory://kiln-x").local_path("a") is None
+
+
+def opened_paths(storage, monkeypatch) -> list[str]:
+    """Record every path storage's filesystem opens from now on."""
+    seen, real = [], storage.fs.open
+
+    def spy(path, *args, **kwargs):
+        seen.append(str(path).rsplit("/", 1)[-1])
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(storage.fs, "open", spy)
+    return seen
+
+
+def test_recorded_checksums_are_listed_without_reading_bodies(storage, tmp_path, monkeypatch):
+    from worker.jobsync import DirSync
+    from worker.storage import INDEX
+
+    storage.write_recorded("jobs/a", "config.yaml", b"model: {}\n")
+    work = storage.local_path("jobs/a") or tmp_path / "scratch"
+    (work / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (work / "checkpoints" / "last.pt").write_bytes(b"w" * 5000)
+    (work / "train.log").write_bytes(b"epoch 1\n")
+    sync = DirSync(storage, work, "jobs/a")
+    assert sync.sync_now() == (3 if storage.is_local else 2)  # local: config.yaml is in the folder
+    opened = opened_paths(storage, monkeypatch)
+    items = storage.list("jobs/a")
+    assert opened == [INDEX], "listing read object bodies"
+    assert {i["name"]: i["sha256"] for i in items} == {
+        "config.yaml": hashlib.sha256(b"model: {}\n").hexdigest(),
+        "checkpoints/last.pt": hashlib.sha256(b"w" * 5000).hexdigest(),
+        "train.log": hashlib.sha256(b"epoch 1\n").hexdigest()}
+
+    (work / "train.log").write_bytes(b"epoch 1\nepoch 2\n")
+    assert sync.sync_now() == 1 and sync.sync_now() == 0  # only what changed
+    opened.clear()
+    assert {i["name"]: i["sha256"] for i in storage.list("jobs/a")}["train.log"] == \
+        hashlib.sha256(b"epoch 1\nepoch 2\n").hexdigest()
+    assert opened == [INDEX]
+
+
+def test_an_unrecorded_or_rewritten_object_is_hashed(storage, monkeypatch):
+    storage.write_recorded("jobs/b", "x.txt", b"one")
+    storage.write_bytes("jobs/b/x.txt", b"two")  # rewritten without a record
+    storage.write_bytes("jobs/b/y.txt", b"why")
+    opened = opened_paths(storage, monkeypatch)
+    assert storage.list("jobs/b") == [
+        {"name": "x.txt", "size": 3, "sha256": hashlib.sha256(b"two").hexdigest()},
+        {"name": "y.txt", "size": 3, "sha256": hashlib.sha256(b"why").hexdigest()}]
+    assert sorted(opened) == [".sha256.json", "x.txt", "y.txt"]

@@ -81,3 +81,26 @@ def test_a_reader_sees_what_another_host_writes_after_it_listed(s3_env):
         assert f.read() == b"epoch 1\nepoch 2\n"
     assert [(i["name"], i["size"]) for i in web.list("jobs/j1", checksums=False)] == [
         ("metrics.jsonl", 3), ("train.log", 16)]
+
+
+def test_recorded_checksums_on_s3_list_without_reading_bodies(s3_env, tmp_path, monkeypatch):
+    import hashlib
+
+    from worker.jobsync import DirSync
+    from worker.storage import INDEX
+
+    storage = Storage(f"s3://{BUCKET}/kiln")
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"w" * 70000)
+    (tmp_path / "train.log").write_bytes(b"epoch 1\n")
+    sync = DirSync(storage, tmp_path, "jobs/j2")
+    assert sync.sync_now() == 2
+    (tmp_path / "train.log").write_bytes(b"epoch 1\nepoch 2\n")
+    assert sync.sync_now() == 1
+    opened, real = [], storage.fs.open
+    monkeypatch.setattr(storage.fs, "open",
+                        lambda p, *a, **k: opened.append(p.rsplit("/", 1)[-1]) or real(p, *a, **k))
+    listed = {i["name"]: i["sha256"] for i in storage.list("jobs/j2")}
+    assert listed == {"checkpoints/last.pt": hashlib.sha256(b"w" * 70000).hexdigest(),
+                      "train.log": hashlib.sha256(b"epoch 1\nepoch 2\n").hexdigest()}
+    assert opened == [INDEX], "listing read object bodies"

@@ -1,0 +1,116 @@
+"""What keeps a job's directory and storage in step, in the job process: files that changed since
+the last round (size or mtime) are hashed, uploaded when storage is remote, and their sha256 is
+recorded in storage; rounds run on a background thread so the training loop never waits on them."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+from ml.files import TEMP_PREFIX
+from worker.storage import CHUNK, INDEX
+
+log = logging.getLogger("kiln.worker")
+
+
+class DirSync:
+    """One job directory mirrored under ``prefix`` of ``storage`` (uploaded when remote)."""
+
+    def __init__(self, storage, local_dir: Path, prefix: str):
+        self.storage, self.local_dir, self.prefix = storage, Path(local_dir), prefix
+        self.remote = storage.local_path("") is None
+        self.seen: dict[str, tuple[int, int]] = {}  # name -> (size, mtime_ns) as last synced
+        self.rounds = 0
+        self.seconds = 0.0  # time spent in rounds (on the background thread when started)
+        self._want = threading.Event()
+        self._stop = False
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def mark_current(self) -> None:
+        """Treat what the directory holds now as synced (it was just downloaded from storage)."""
+        self.seen = {name: key for name, _, key in self._files()}
+
+    def _files(self):
+        for p in sorted(self.local_dir.rglob("*")):
+            if p.name.startswith(TEMP_PREFIX) or p.name == INDEX:
+                continue
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                continue  # replaced or removed while listing
+            if p.is_file():
+                yield p.relative_to(self.local_dir).as_posix(), p, (st.st_size, st.st_mtime_ns)
+
+    def sync_now(self) -> int:
+        """One round, on the calling thread: returns how many files it synced."""
+        with self._lock:
+            t0 = time.perf_counter()
+            entries = {}
+            for name, path, key in self._files():
+                if self.seen.get(name) == key:
+                    continue
+                try:
+                    entry = self._sync_file(name, path)
+                except FileNotFoundError:
+                    continue
+                if entry is not None:
+                    entries[name] = entry
+                    self.seen[name] = entry["stat"]
+            self.storage.record(self.prefix, entries)
+            self.rounds += 1
+            self.seconds += time.perf_counter() - t0
+            return len(entries)
+
+    def _sync_file(self, name: str, path: Path) -> dict | None:
+        rel = f"{self.prefix}/{name}"
+        if self.remote:
+            return self.storage.upload(path, rel)
+        with open(path, "rb") as f:  # local storage: the file is the artifact; hash it
+            st = os.fstat(f.fileno())
+            h = hashlib.sha256()
+            for chunk in iter(lambda: f.read(CHUNK), b""):
+                h.update(chunk)
+        now = path.stat()
+        if (now.st_size, now.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+            return None  # replaced while hashing: the next round takes the new one
+        entry = self.storage.entry(rel, h.hexdigest(), st.st_size)
+        return {**entry, "stat": (st.st_size, st.st_mtime_ns)}
+
+    # ------------------------------------------------------------ background rounds
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="kiln-sync", daemon=True)
+        self._thread.start()
+
+    def request(self) -> None:
+        """Ask for a round soon (after each epoch); returns at once."""
+        if self._thread is None:
+            self._guarded()
+            return
+        self._want.set()
+
+    def _loop(self) -> None:
+        while True:
+            self._want.wait()
+            self._want.clear()
+            if self._stop:
+                break
+            self._guarded()
+
+    def _guarded(self) -> None:
+        try:
+            self.sync_now()
+        except Exception as exc:  # the next round retries; the final one is waited for
+            log.warning("syncing the job directory to storage failed: %s", exc)
+
+    def close(self) -> None:
+        """Stop the background thread (after its round in flight), then one last round here."""
+        if self._thread is not None:
+            self._stop = True
+            self._want.set()
+            self._thread.join()
+            self._thread = None
+        self._guarded()
