@@ -112,6 +112,8 @@ def launch(fn: Callable, world_size: int, args: tuple = (), *, device_type: str 
     """
     method = method or start_method(device_type)
     ctx = multiprocessing.get_context(method)
+    if method != "fork":
+        _stdlib_authkey()
     pipes = [ctx.Pipe(duplex=False) for _ in range(world_size)]
     folder = tempfile.mkdtemp(prefix="kiln-ranks-")
     spec = _Spec(world_size, device_type, os.path.join(folder, "store"), timeout_s,
@@ -141,6 +143,13 @@ def launch(fn: Callable, world_size: int, args: tuple = (), *, device_type: str 
                 p.kill()
             p.join()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _stdlib_authkey() -> None:
+    """Spawning pickles this process's authkey, which only the stdlib's AuthenticationString allows
+    while spawning; a process forked from a Celery (billiard) pool child carries billiard's."""
+    me = multiprocessing.current_process()
+    me._config["authkey"] = multiprocessing.process.AuthenticationString(bytes(me.authkey))
 
 
 class _Inbox:

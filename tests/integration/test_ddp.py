@@ -16,7 +16,7 @@ import time
 import pytest
 import requests
 
-from worker.procs import alive
+from worker.procs import alive, cmdline
 from worker.store import JobStore
 
 pytestmark = pytest.mark.integration
@@ -46,11 +46,12 @@ def children(pid: int) -> list[int]:
 
 
 def ranks(service) -> list[int]:
-    """The running job's ranks: the job process's children (the worker's great-grandchildren)."""
+    """The running job's ranks: the job process's children (the worker's great-grandchildren), less
+    multiprocessing's resource tracker, which spawned ranks (CUDA's start method) come with."""
     level = [service.worker.pid]
     for _ in range(3):
         level = [c for p in level for c in children(p)]
-    return sorted(level)
+    return sorted(p for p in level if "resource_tracker" not in cmdline(p))
 
 
 def wait_until(service, job_id: str, ready, timeout: float = 120) -> dict:

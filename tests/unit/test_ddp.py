@@ -218,7 +218,15 @@ def test_forked_ranks_run_one_thread_each(tmp_path):
     assert total == [3.0] and threads == 1
 
 
-def test_spawned_ranks_as_cuda_uses_them():
+def test_spawned_ranks_as_cuda_uses_them_even_from_a_celery_pool_child():
+    from billiard.process import AuthenticationString
+
     assert launch.start_method("cuda") == "spawn" and launch.start_method("cpu") == "fork"
-    total, threads = launch.launch(_sum_of_ranks, 2, method="spawn")
+    me = multiprocessing.current_process()
+    key = bytes(me.authkey)
+    me._config["authkey"] = AuthenticationString(key)   # what a job process forked from a pool child carries
+    try:
+        total, threads = launch.launch(_sum_of_ranks, 2, method="spawn")
+    finally:
+        me.authkey = key
     assert total == [3.0] and threads == launch.rank_threads("spawn", 2)
