@@ -120,6 +120,7 @@ def run_job(job: dict, ctx, owner: str, runner: Callable[["JobRun"], str], trans
             run.work_dir = work_dir_for(ctx, job["id"])
             run.dir_sync = DirSync(ctx.storage, run.work_dir, f"jobs/{job['id']}")
             run.dir_sync.mark_current()
+            run.dir_sync.start()  # rounds after each epoch run beside the training loop
             run.job = resolve_paths(ctx, job)
             run.dataset_roots = resolve_datasets(ctx, job["config"])
             outcome = Outcome(status=runner(run))
@@ -187,6 +188,7 @@ class JobRun:
         return self._cancel
 
     def sync(self) -> None:
-        """The last round: what changed is uploaded (remote storage) and its sha256 recorded."""
+        """Waits for the round in flight, then the last round: what changed is uploaded (remote
+        storage) and its sha256 recorded."""
         if self.dir_sync is not None:
             self.dir_sync.close()

@@ -126,3 +126,33 @@ def test_an_unrecorded_or_rewritten_object_is_hashed(storage, monkeypatch):
         {"name": "x.txt", "size": 3, "sha256": hashlib.sha256(b"two").hexdigest()},
         {"name": "y.txt", "size": 3, "sha256": hashlib.sha256(b"why").hexdigest()}]
     assert sorted(opened) == [".sha256.json", "x.txt", "y.txt"]
+
+
+def test_background_rounds_do_not_hold_up_the_caller_and_close_waits(storage, tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from worker.jobsync import DirSync
+
+    work = tmp_path / "work"
+    work.mkdir()
+    sync = DirSync(storage, work, "jobs/c")
+    sync.remote = True  # upload even when storage is local, as for a bucket
+    gate, real = threading.Event(), storage.upload
+
+    def slow_upload(local, path):
+        gate.wait(10)
+        return real(local, path)
+
+    monkeypatch.setattr(storage, "upload", slow_upload)
+    sync.start()
+    (work / "last.pt").write_bytes(b"epoch 1")
+    t0 = time.perf_counter()
+    sync.request()
+    assert time.perf_counter() - t0 < 0.05  # the training loop goes on while the round waits
+    (work / "last.pt").write_bytes(b"epoch 2!")
+    gate.set()
+    sync.close()  # waits for the round in flight, then the last round sends epoch 2
+    assert storage.read_bytes("jobs/c/last.pt") == b"epoch 2!"
+    assert storage.list("jobs/c") == [{"name": "last.pt", "size": 8,
+                                       "sha256": hashlib.sha256(b"epoch 2!").hexdigest()}]
