@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import threading
 import time
 import warnings
@@ -299,12 +298,12 @@ def _versions() -> dict:
 
 # ------------------------------------------------------------------ load
 
-def load(predictor: Predictor, spec: dict | None) -> tuple[Runtime, str | None]:
-    """The runtime a card's section names (``spec["path"]``: its local file), or eager and why not.
+def load(predictor: Predictor, name: str | None, folder: str | Path) -> tuple[Runtime, str | None]:
+    """The runtime a card names (its file, if any, in ``folder``: beside model.pt), or eager and why not.
 
     Nothing here unpickles: an ONNX file is protobuf, the weights came through Predictor (weights_only).
     """
-    name = (spec or {}).get("name") or "eager"
+    name = name or "eager"
     if name == "eager":
         return EagerRuntime(predictor), None
     skip = _skip_reason(name, predictor)
@@ -312,9 +311,9 @@ def load(predictor: Predictor, spec: dict | None) -> tuple[Runtime, str | None]:
         return EagerRuntime(predictor), f"{name}: {skip}"
     try:
         if name == "onnxruntime":
-            path = spec.get("path")
-            if not path or not os.path.isfile(path):
-                raise FileNotFoundError(f"{ONNX_FILE} is missing ({path})")
+            path = Path(folder) / ONNX_FILE
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is missing")
             return OnnxRuntime(path), None
         runtime = TorchGraphRuntime(predictor, name)
         runtime.probabilities(reference_inputs(predictor.image_size, predictor.in_channels, 2))  # compiles now

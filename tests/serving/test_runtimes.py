@@ -191,7 +191,9 @@ def test_loading_a_version_and_its_runtime_unpickles_nothing(registry, digits_mo
     for name in ("load", "loads", "Unpickler"):
         monkeypatch.setattr(pickle, name, refuse)
     predictor = Predictor.from_checkpoint(info["path"])
-    runtime, fallback = runtimes.load(predictor, info["runtime"])
+    if info["runtime"]["path"]:  # the runtime's file lies beside model.pt, where the forward process looks
+        assert Path(info["runtime"]["path"]) == Path(info["path"]).with_name(runtimes.ONNX_FILE)
+    runtime, fallback = runtimes.load(predictor, info["runtime"]["name"], Path(info["path"]).parent)
     assert fallback is None and runtime.name == info["runtime"]["name"]
     check = runtimes.agreement(runtime.probabilities(real_digits), runtimes.EagerRuntime(predictor)
                                .probabilities(real_digits))

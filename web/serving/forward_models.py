@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 
@@ -16,17 +17,11 @@ from ml.inference import Predictor
 log = logging.getLogger(__name__)
 
 
-def model_spec(value) -> dict:
-    """A model as requests name it: a model.pt path, or {"path", "runtime": {"name", "path"}} -> the dict form."""
-    if isinstance(value, str):
-        return {"path": value, "runtime": None}
-    if not isinstance(value, dict) or not isinstance(value.get("path"), str):
-        raise ValueError(f"a model is a model.pt path or {{'path', 'runtime'}}, got {type(value).__name__}")
-    runtime = value.get("runtime")
-    if runtime is not None and not (isinstance(runtime, dict) and isinstance(runtime.get("name"), str)
-                                    and isinstance(runtime.get("path"), (str, type(None)))):
-        raise ValueError("a model's runtime is {'name', 'path'}")
-    return {"path": value["path"], "runtime": runtime}
+def runtime_name(value) -> str | None:
+    """The runtime a request names (a card's choice; None: eager), checked for its type only."""
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"a runtime is named by a string, got {type(value).__name__}")
+    return value
 
 
 def model_key(value) -> tuple[str, int]:
@@ -73,20 +68,21 @@ class Models:
         with self._lock:
             return key in self._loaded
 
-    def load(self, key: tuple, spec: dict) -> Model:
-        """``key`` loaded from ``spec`` (see model_spec) unless it is already; may evict the least recently used."""
+    def load(self, key: tuple, path: str, runtime: str | None) -> Model:
+        """``key`` loaded from model.pt at ``path``, served by ``runtime`` (its file beside model.pt) unless
+        it is loaded already; may evict the least recently used."""
         model = self.get(key)
         if model is not None:
             return model
-        predictor = Predictor.from_checkpoint(spec["path"], device=self.device)
-        runtime, fallback = runtimes.load(predictor, spec.get("runtime"))
+        predictor = Predictor.from_checkpoint(path, device=self.device)
+        runtime, fallback = runtimes.load(predictor, runtime, Path(path).parent)
         if fallback:
             log.warning("model %s version %s serves with eager: %s", key[0], key[1], fallback)
         with self._lock:
             model = self._loaded.setdefault(key, Model(key, predictor, runtime, fallback))
             self._loaded.move_to_end(key)
             evicted = [self._loaded.popitem(last=False)[0] for _ in range(len(self._loaded) - self.max_models)]
-        log.info("loaded model %s version %s from %s (%s)", key[0], key[1], spec["path"], model.runtime.name)
+        log.info("loaded model %s version %s from %s (%s)", key[0], key[1], path, model.runtime.name)
         for old in evicted:  # a forward pass still running on it keeps its own reference
             log.info("unloaded model %s version %s (least recently used; --max-models %d)", old[0], old[1],
                      self.max_models)

@@ -43,7 +43,7 @@ import torch
 
 from web.serving import wire
 from web.serving.forward_batcher import Batcher
-from web.serving.forward_models import Models, model_key, model_spec
+from web.serving.forward_models import Models, model_key, runtime_name
 from web.serving.forward_sockets import IOLoop, unlink_if_ours
 from worker.registry import write_artifacts
 
@@ -78,10 +78,10 @@ class _WebProcess:
 class _ForwardRequest:
     """One "run" message: a web process's uint8 inputs [N,S,S,C] for one model, waiting for a forward pass."""
 
-    __slots__ = ("sender", "rid", "key", "spec", "arrays", "top_k", "received", "queued")
+    __slots__ = ("sender", "rid", "key", "path", "runtime", "arrays", "top_k", "received", "queued")
 
-    def __init__(self, sender: _WebProcess, rid: int, key: tuple, spec: dict, arrays, top_k: int):
-        self.sender, self.rid, self.key, self.spec = sender, rid, key, spec
+    def __init__(self, sender: _WebProcess, rid: int, key: tuple, path: str, runtime: str | None, arrays, top_k: int):
+        self.sender, self.rid, self.key, self.path, self.runtime = sender, rid, key, path, runtime
         self.arrays, self.top_k = arrays, top_k
         self.received = time.monotonic()
         self.queued = True  # counted in the server's queue for its model
@@ -168,7 +168,7 @@ class _Server:
                 groups.setdefault(req.key, []).append(req)
             answers: dict[_WebProcess, list] = {}
             for key, group in groups.items():
-                model = self.models.get(key) or self.models.load(key, group[0].spec)  # evicted since: again
+                model = self.models.get(key) or self.models.load(key, group[0].path, group[0].runtime)  # evicted
                 arrays = group[0].arrays if len(group) == 1 else np.concatenate([r.arrays for r in group])
                 batch_id = next(self.batch_ids)
                 threads = self._threads(alone and len(arrays) <= self.LONE_MAX_IMAGES)
@@ -217,13 +217,14 @@ class _Server:
             return
         if op == "run":
             try:
-                key, spec, top_k = model_key(args[0]), model_spec(args[1]), int(args[2])
+                key, path, top_k = model_key(args[0]), str(args[1]), int(args[2])
+                runtime = runtime_name(args[3] if len(args) > 3 else None)
                 if array is None or array.ndim != 4:
                     raise ValueError("a run carries uint8 inputs [N,S,S,C]")
             except (IndexError, TypeError, ValueError) as exc:
                 peer.reply(rid, False, ["ProtocolError", f"bad run request: {exc}"])
                 return
-            req = _ForwardRequest(peer, rid, key, spec, array, top_k)
+            req = _ForwardRequest(peer, rid, key, path, runtime, array, top_k)
             with self.lock:
                 waiting = self.queued.get(key, 0)
                 full = waiting + len(req) > self.max_queue and waiting > 0
@@ -271,12 +272,12 @@ class _Server:
             peer, rid, op, args = self.control.get()  # args: the request's list, or a run's _ForwardRequest
             try:
                 if op == "run":
-                    self.models.load(args.key, args.spec)
+                    self.models.load(args.key, args.path, args.runtime)
                     self._submit(args)
                     continue
                 if op == "load":
                     key = model_key(args[0])
-                    model = self.models.load(key, model_spec(args[1]))
+                    model = self.models.load(key, str(args[1]), runtime_name(args[2] if len(args) > 2 else None))
                     with self.lock:
                         peer.keys.add(key)
                     result = model.describe()

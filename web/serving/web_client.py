@@ -100,16 +100,17 @@ class ForwardClient:
         except TimeoutError:
             raise ForwardDied(f"the forward process did not answer in {timeout:g} s") from None
 
-    def load(self, key: tuple[str, int], model: str | dict) -> dict:
-        """Load ``model`` (a model.pt path, or {"path", "runtime"}) under ``key`` (idempotent); its description."""
-        return self.call("load", list(key), model)
+    def load(self, key: tuple[str, int], path: str, runtime: str | None = None) -> dict:
+        """Load model.pt at ``path`` under ``key``, served by ``runtime`` (the card's choice; its file lies
+        beside model.pt; None: eager). Idempotent; returns its description."""
+        return self.call("load", list(key), str(path), runtime)
 
-    def run(self, key: tuple[str, int], model: str | dict, arrays: Any, top_k: int) -> Future:
+    def run(self, key: tuple[str, int], path: str, arrays: Any, top_k: int, runtime: str | None = None) -> Future:
         """uint8 [N,S,S,C] -> future of {"values", "indices", "batch", "batch_id", "first", "wait_s"}.
 
-        ``model`` (as for ``load``) lets a restarted forward process load the version again by itself.
+        ``path`` and ``runtime`` (as for ``load``) let a restarted forward process load the version again.
         """
-        return self.submit("run", list(key), model, int(top_k), array=arrays)
+        return self.submit("run", list(key), str(path), int(top_k), runtime, array=arrays)
 
     def unload(self, key: tuple[str, int]) -> None:
         """This web process no longer needs ``key`` (the model stays while others use it)."""

@@ -16,21 +16,15 @@ from web.serving.web_client import ForwardClient
 log = logging.getLogger(__name__)
 
 
-def model_spec(info: dict) -> dict:
-    """What the forward process loads for a resolved version: model.pt and the runtime its card chose."""
-    runtime = info.get("runtime") or {}
-    return {"path": str(info["path"]),
-            "runtime": {"name": str(runtime.get("name") or "eager"), "path": runtime.get("path")}}
-
-
 class RemoteModel:
     """A model version loaded in the forward process, as a web process sees it: classes, input geometry, runtime."""
 
-    def __init__(self, key: tuple[str, int], spec: dict, description: dict, forward: ForwardClient):
-        self.key, self.spec, self.forward = key, spec, forward
+    def __init__(self, key: tuple[str, int], path: str, runtime: str, description: dict, forward: ForwardClient):
+        self.key, self.path, self.forward = key, str(path), forward
         self.classes = [str(c) for c in description["classes"]]
         self.image_size, self.in_channels = int(description["image_size"]), int(description["in_channels"])
-        self.runtime = str(description.get("runtime") or "eager")
+        self.card_runtime = runtime  # what the card chose: a restarted forward process loads it again
+        self.runtime = str(description.get("runtime") or "eager")  # what serves (eager if it would not load)
 
     def prepare(self, x, index: int = 0):
         """One decoded input -> uint8 [S,S,C] through this model's eval transform (ValueError names it)."""
@@ -41,7 +35,7 @@ class RemoteModel:
 
     def submit(self, arrays, top_k: int):
         """Future of this version's top-k rows for uint8 inputs [N,S,S,C] (batched in the forward process)."""
-        return self.forward.run(self.key, self.spec, arrays, top_k)
+        return self.forward.run(self.key, self.path, arrays, top_k, self.card_runtime)
 
 
 class Served:
@@ -142,8 +136,9 @@ class ModelCache:
             with self._lock:
                 if key in self._models:
                     return self._models[key]
-            spec = model_spec(info)
-            model = RemoteModel(key, spec, self.forward.load(key, spec), self.forward)
+            runtime = (info.get("runtime") or {}).get("name") or "eager"
+            described = self.forward.load(key, info["path"], runtime)
+            model = RemoteModel(key, info["path"], runtime, described, self.forward)
             served = Served(key[0], key[1], model)
             with self._lock:
                 self._models[key] = served
