@@ -44,14 +44,15 @@ def visible_gpus() -> int:
     return torch.cuda.device_count()
 
 
-def resolve_processes(requested: int | str, device: str, batch_size: int) -> tuple[int, str]:
-    """training.processes (an int or "auto") on training.device -> (ranks, "cuda" | "cpu").
+def resolve_processes(requested: int | str, device: str, batch_size: int) -> tuple[int, str | None]:
+    """training.processes (an int or "auto") on training.device -> (ranks, "cuda" | "cpu"), or
+    (1, None) for one process, which resolves its device itself.
 
     auto is one rank per visible GPU, and 1 on CPU. ``batch_size`` is the global batch: every
     rank takes ``batch_size / ranks`` samples per micro-batch, so it must divide evenly.
     """
     if requested in (1, "1"):
-        return 1, "cpu" if device == "cpu" else device
+        return 1, None
     gpus = visible_gpus() if device in ("auto", "cuda") else 0
     kind = "cuda" if gpus else "cpu"
     if device == "cuda" and not gpus:
@@ -60,7 +61,7 @@ def resolve_processes(requested: int | str, device: str, batch_size: int) -> tup
     if n < 1:
         raise ValueError(f"training.processes must be >= 1 or auto, got {requested!r}")
     if n == 1:
-        return 1, kind
+        return 1, None
     if device.startswith("cuda:") or device == "mps":
         raise ValueError(f"training.device {device!r} names one device; with processes > 1 use device: auto, "
                          "cuda or cpu (each rank takes a GPU of its own)")
@@ -136,12 +137,16 @@ def launch(fn: Callable, world_size: int, args: tuple = (), *, device_type: str 
                 inbox.drain()
                 raise _failure(procs, inbox.errors) from None
         inbox.drain()
+        if 0 not in inbox.results:  # rank 0 ended with exit code 0 yet sent nothing (interrupted)
+            raise RankFailed("rank 0 ended without a result; the attempt ends")
         return inbox.results[0]
     finally:
         for p in procs.processes if procs else ():
             if p.is_alive():
                 p.kill()
             p.join()
+        for r, _ in pipes:
+            r.close()
         shutil.rmtree(folder, ignore_errors=True)
 
 

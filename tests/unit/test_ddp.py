@@ -194,10 +194,10 @@ def test_sharded_sampler_splits_each_global_batch_of_the_one_process_order(world
 
 
 def test_resolve_processes():
-    assert launch.resolve_processes(1, "auto", 32) == (1, "auto")
+    assert launch.resolve_processes(1, "auto", 32) == (1, None)
     assert launch.resolve_processes(2, "cpu", 32) == (2, "cpu")
     if not torch.cuda.device_count():
-        assert launch.resolve_processes("auto", "auto", 32) == (1, "cpu")
+        assert launch.resolve_processes("auto", "auto", 32) == (1, None)
     with pytest.raises(ValueError, match="multiple of training.processes 3"):
         launch.resolve_processes(3, "cpu", 32)
     with pytest.raises(ValueError, match="names one device"):
