@@ -118,7 +118,8 @@ def run_job(job: dict, ctx, owner: str, runner: Callable[["JobRun"], str], trans
     with job_id_logging(job["id"]):
         try:
             run.work_dir = work_dir_for(ctx, job["id"])
-            run.dir_sync = DirSync(ctx.storage, run.work_dir, f"jobs/{job['id']}")
+            run.dir_sync = DirSync(ctx.storage, run.work_dir, f"jobs/{job['id']}",
+                                   fence=lambda: ctx.store.holds_lease(job["id"], owner))
             run.dir_sync.mark_current()
             run.dir_sync.start()  # rounds after each epoch run beside the training loop
             run.job = resolve_paths(ctx, job)
@@ -150,6 +151,7 @@ class JobRun:
         self._last_write = 0.0
         self._last_check = 0.0
         self._cancel = False
+        self.fenced = False  # a write was refused: another attempt holds the job now
         self.every_s = ctx.settings.progress_every_s
 
     def report(self, p: dict) -> None:
@@ -168,15 +170,20 @@ class JobRun:
             return
         progress = {k: p.get(k) for k in PROGRESS_KEYS}
         try:
-            self.ctx.store.update_progress(self.job["id"], self.owner, progress, p.get("metrics") or None,
-                                           p.get("best") or None)
+            held = self.ctx.store.update_progress(self.job["id"], self.owner, progress,
+                                                  p.get("metrics") or None, p.get("best") or None)
             self._last_write = time.monotonic()
+            if not held:
+                log.error("progress refused: this attempt no longer holds the job's lease; stopping")
+                self.fenced = True
         except Exception as exc:  # progress is best effort; the heartbeat decides liveness
             log.warning("progress update failed: %s", exc)
 
     def should_stop(self) -> bool:
         """True when a cancel was requested (read at a bounded rate) or the lease was lost."""
         if self.lease is not None and self.lease.lost.is_set():
+            return True
+        if self.fenced or (self.dir_sync is not None and self.dir_sync.fenced_out):
             return True
         now = time.monotonic()
         if not self._cancel and now - self._last_check >= min(self.every_s, 1.0):

@@ -16,11 +16,18 @@ from worker.storage import CHUNK, INDEX
 log = logging.getLogger("kiln.worker")
 
 
+class Fenced(Exception):
+    """This attempt no longer holds the job's lease: its writes are refused."""
+
+
 class DirSync:
     """One job directory mirrored under ``prefix`` of ``storage`` (uploaded when remote)."""
 
-    def __init__(self, storage, local_dir: Path, prefix: str):
-        self.storage, self.local_dir, self.prefix = storage, Path(local_dir), prefix
+    def __init__(self, storage, local_dir: Path, prefix: str, fence=None):
+        """``fence()`` is True while this attempt holds the job's lease; each round's uploads and
+        its record are refused (Fenced) unless it says so just before them."""
+        self.storage, self.local_dir, self.prefix, self.fence = storage, Path(local_dir), prefix, fence
+        self.fenced_out = False
         self.remote = storage.local_path("") is None
         self.seen: dict[str, tuple[int, int]] = {}  # name -> (size, mtime_ns) as last synced
         self.rounds = 0
@@ -53,6 +60,8 @@ class DirSync:
             for name, path, key in self._files():
                 if self.seen.get(name) == key:
                     continue
+                if not entries:
+                    self._check_fence()
                 try:
                     entry = self._sync_file(name, path)
                 except FileNotFoundError:
@@ -60,10 +69,23 @@ class DirSync:
                 if entry is not None:
                     entries[name] = entry
                     self.seen[name] = entry["stat"]
-            self.storage.record(self.prefix, entries)
+            if entries:
+                self._check_fence()
+                self.storage.record(self.prefix, entries)
             self.rounds += 1
             self.seconds += time.perf_counter() - t0
             return len(entries)
+
+    def _check_fence(self) -> None:
+        if self.fence is None:
+            return
+        try:
+            held = self.fence()
+        except Exception as exc:  # no write without a confirmed lease; the lease thread judges outages
+            raise Fenced(f"could not confirm the job's lease ({exc}); nothing written this round") from exc
+        if not held:
+            self.fenced_out = True
+            raise Fenced("this attempt no longer holds the job's lease; its writes are refused")
 
     def _sync_file(self, name: str, path: Path) -> dict | None:
         rel = f"{self.prefix}/{name}"
@@ -103,6 +125,8 @@ class DirSync:
     def _guarded(self) -> None:
         try:
             self.sync_now()
+        except Fenced as exc:
+            log.error("sync refused: %s", exc)
         except Exception as exc:  # the next round retries; the final one is waited for
             log.warning("syncing the job directory to storage failed: %s", exc)
 

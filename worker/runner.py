@@ -71,7 +71,8 @@ class Context:
 
 
 class Lease(threading.Thread):
-    """Heartbeats the job lease; sets ``lost`` if another owner took it."""
+    """Heartbeats the job lease; sets ``lost`` if another owner took it, or when no heartbeat has
+    succeeded for the lease's TTL (a store outage: by then another worker may hold the job)."""
 
     def __init__(self, store: JobStore, job_id: str, owner: str, every_s: float, ttl_s: float):
         super().__init__(name=f"kiln-lease-{job_id[:8]}", daemon=True)
@@ -79,13 +80,20 @@ class Lease(threading.Thread):
         self.lost, self.stopped = threading.Event(), threading.Event()
 
     def run(self) -> None:
+        last_ok = time.monotonic()
         while not self.stopped.wait(self.every_s):
             try:
                 if not self.store.heartbeat(self.job_id, self.owner, self.ttl_s):
-                    log.error("lease on job %s lost; stopping at the next step", self.job_id)
+                    log.error("lease on job %s lost to another worker; ending the job process", self.job_id)
                     self.lost.set()
                     return
+                last_ok = time.monotonic()
             except Exception as exc:  # store blip: keep trying until the lease would expire
+                if time.monotonic() - last_ok >= self.ttl_s:
+                    log.error("no heartbeat for %.0f s (the lease TTL): treating the lease on job %s as "
+                              "lost: %s", self.ttl_s, self.job_id, exc)
+                    self.lost.set()
+                    return
                 log.warning("heartbeat failed: %s", exc)
 
     def stop(self) -> None:
@@ -177,14 +185,23 @@ class Watch:
 
 
 def _record(job: dict, ctx: Context, owner: str, lease: Lease, outcome: Outcome) -> str:
-    """Write the job process's outcome to the store (the pool process still holds the lease)."""
+    """Write the job process's outcome to the store (the pool process still holds the lease).
+
+    Each write carries the lease owner; a write refused because another attempt took the job
+    (however late this one learnt it) records nothing and answers "lease lost"."""
     store, job_id = ctx.store, job["id"]
     if lease.lost.is_set():
         log.warning("the job ended without the lease; the new owner records the outcome")
         return "lease lost"
+
+    def finish(status: str, reason: str, error: str | None = None) -> str:
+        if store.finish(job_id, owner, status, reason, error=error):
+            return status
+        log.warning("the outcome (%s) was refused: this attempt no longer holds the job's lease", status)
+        return "lease lost"
+
     if outcome.killed and outcome.killed.startswith("cancelled"):
-        store.finish(job_id, owner, "cancelled", f"{outcome.killed}: killed; the last checkpoint is kept")
-        return "cancelled"
+        return finish("cancelled", f"{outcome.killed}: killed; the last checkpoint is kept")
     if outcome.transient or outcome.died:
         why = outcome.transient or outcome.died
         log.warning("job attempt ended: %s", why)
@@ -192,15 +209,12 @@ def _record(job: dict, ctx: Context, owner: str, lease: Lease, outcome: Outcome)
                                  owner=owner)
         if new == "queued":
             raise Transient(why, retry_in=min(60.0, 5.0 * job["attempts"]))
-        return f"ended: {new}"
+        return f"ended: {new}" if new else "lease lost"
     if outcome.error is not None:
-        store.finish(job_id, owner, "failed", f"failed: {outcome.error}"[:500], error=outcome.error)
-        return "failed"
+        return finish("failed", f"failed: {outcome.error}"[:500], error=outcome.error)
     if outcome.status == "stopped":
-        store.finish(job_id, owner, "cancelled", f"cancelled at step {outcome.step}; checkpoint written")
-        return "cancelled"
-    store.finish(job_id, owner, "succeeded", f"{outcome.status} after {outcome.step} steps")
-    return "succeeded"
+        return finish("cancelled", f"cancelled at step {outcome.step}; checkpoint written")
+    return finish("succeeded", f"{outcome.status} after {outcome.step} steps")
 
 
 def run_train(run: JobRun) -> str:

@@ -2,7 +2,10 @@
 
 Each transition is one conditional UPDATE (``WHERE status = <expected>``) so two
 processes can never both win it, and each writes a job_events row with its reason.
-A lease (owner, heartbeat, expiry) is taken atomically before a job runs.
+A lease (owner, heartbeat, expiry) is taken atomically before a job runs. The owner string is
+unique to one attempt on one worker and serves as its fencing token: every write of a lease
+holder (transition, progress, heartbeat) carries it in the same compare-and-set, and artifact
+commits first check ``holds_lease``; a holder whose lease another took is refused.
 
 A cancel racing the end of a run ends one way: the run's outcome. If the run finished
 first, the cancel answers 409 (already succeeded/failed). If the cancel came first
@@ -182,6 +185,14 @@ class JobStore:
             return conn.execute(J.update().where(J.c.id == job_id, J.c.lease_owner == owner)
                                 .values(heartbeat_at=now, lease_expires=now + timedelta(seconds=ttl_s))
                                 ).rowcount == 1
+
+    def holds_lease(self, job_id: str, owner: str) -> bool:
+        """True while ``owner`` holds the job's unexpired lease: the fence each artifact commit
+        passes (owner is unique to one attempt on one worker, so it is the fencing token)."""
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(sa.func.count()).select_from(J).where(
+                J.c.id == job_id, J.c.lease_owner == owner, J.c.lease_expires > utcnow(),
+                J.c.status.in_(ACTIVE))).scalar_one() == 1
 
     def release_lease(self, job_id: str, owner: str) -> None:
         with self.engine.begin() as conn:
