@@ -126,7 +126,7 @@ def train(cfg: TrainConfig, out_dir, *, report=None, should_stop=None, resume: b
     if world > 1:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         return launch.launch(train_rank, world, (cfg, str(out_dir), resume, dataset_roots, console),
-                                  device_type=device_type, report=report, should_stop=should_stop)
+                             device_type=device_type, report=report, should_stop=should_stop)
     return _train(cfg, Path(out_dir), None, report, should_stop, resume, dataset_roots, console)
 
 
@@ -184,18 +184,11 @@ def _train(cfg: TrainConfig, out: Path, rank, report, should_stop, resume: bool,
                      data.image_size, data.image_size, data.in_channels)
         log.info("device %s, amp %s, %d torch threads, %d loader workers, %d steps/epoch", device,
                  amp_dtype, threads, workers, steps_per_epoch)
-        batch, val_sampler = t.batch_size // world, None
-        if rank is None:
-            sampler = EpochSampler(len(data.train), t.seed)
-        else:
+        if rank is not None:
             run.model = rank.wrap(model)
-            sampler, val_sampler = rank.sampler(len(data.train), t.seed), rank.shard(len(data.val))
-            log.info("%d ranks (%s): %d of each batch of %d per rank", world, rank.backend, batch, t.batch_size)
-        train_loader = make_loader(data.train, batch, sampler=sampler, num_workers=workers, device=device,
-                                   seed=t.seed)
-        val_loader = make_loader(data.val, batch, sampler=val_sampler, num_workers=workers, device=device,
-                                 seed=t.seed)
-        return _loop(run, sampler, train_loader, val_loader, start_epoch, start_batch)
+            log.info("%d ranks (%s): %d of each batch of %d per rank", world, rank.backend, t.batch_size // world,
+                     t.batch_size)
+        return _loop(run, *_loaders(run, workers), start_epoch, start_batch)
     finally:
         if run is not None:
             run.metrics.close()
@@ -207,6 +200,19 @@ def _train(cfg: TrainConfig, out: Path, rank, report, should_stop, resume: bool,
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _loaders(run: Run, workers: int):
+    """(sampler, train loader, val loader): the whole epoch in one process, a rank's shard of it in several."""
+    t, data, ranks = run.cfg.training, run.data, run.ranks
+    if ranks is None:
+        sampler, val_sampler = EpochSampler(len(data.train), t.seed), None
+    else:
+        sampler, val_sampler = ranks.sampler(len(data.train), t.seed), ranks.shard(len(data.val))
+    batch = t.batch_size // run.world_size
+    return (sampler,
+            make_loader(data.train, batch, sampler=sampler, num_workers=workers, device=run.device, seed=t.seed),
+            make_loader(data.val, batch, sampler=val_sampler, num_workers=workers, device=run.device, seed=t.seed))
 
 
 def _loop(run: Run, sampler, train_loader, val_loader, start_epoch: int, start_batch: int) -> TrainResult:
