@@ -1,12 +1,15 @@
-"""Serving benchmark: Kiln's /predict against a textbook Flask baseline and the in-process ceiling.
+"""Serving benchmark: Kiln's /predict against TorchServe 0.12 (and a textbook Flask baseline), one load generator.
 
-resnet18 (untrained, written via ml.checkpoint; no downloads) on 32x32 RGB PNGs.
-  (a) baseline: minimal Flask app, model loaded once, one image per forward, gunicorn
-      with 2 sync workers; once with torch's default threads, once with 1 thread/worker
-  (b) Kiln: /predict under deploy/gunicorn.conf.py (gthread, dynamic batching)
-  (c) ceiling: Predictor.infer at its best batch size, no HTTP
-Loopback only, bounded (about DURATION_S per cell), cleans up after itself.
-    python bench/serve.py [--duration 4] [--clients 1,8,32]
+resnet18 (untrained, written via ml.checkpoint; no downloads) on 32x32 RGB PNGs, the same weights everywhere.
+  kiln:       /predict under deploy/gunicorn.conf.py (gthread, the host's forward process, the runtime
+              the version's card chose)
+  torchserve: TorchServe 0.12 in its own venv under var/ (bench/torchserve_peer.py), 2 workers x 1 thread,
+              batch 32 / 5 ms, a handler doing what Kiln does (bench/torchserve_handler.py); skipped with a
+              message without Java 17 or when pip cannot install it
+  baseline:   minimal Flask app, one image per forward, gunicorn 2 sync workers, 1 thread each (opt-in)
+All servers run at once and take turns cell by cell, so a machine whose speed drifts treats them alike.
+Loopback only, bounded (about DURATION_S per cell), every process it started is gone at the end.
+    python bench/serve.py [--duration 4] [--clients 1,8,32] [--servers kiln,torchserve[,baseline]]
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import argparse
 import http.client
 import io
 import os
+import platform
 import shutil
 import signal
 import socket
@@ -27,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import loadgen  # noqa: E402
+from bench import loadgen, torchserve_peer  # noqa: E402
 
 BASELINE_APP = textwrap.dedent('''
     import io, os
@@ -36,8 +40,7 @@ BASELINE_APP = textwrap.dedent('''
     from PIL import Image
     from ml.inference import Predictor
 
-    if os.environ.get("BASELINE_TORCH_THREADS"):
-        torch.set_num_threads(int(os.environ["BASELINE_TORCH_THREADS"]))
+    torch.set_num_threads(1)
     app = Flask(__name__)
     predictor = Predictor.from_checkpoint(os.environ["BASELINE_CKPT"])
 
@@ -86,29 +89,32 @@ def write_checkpoint(path: Path) -> None:
 # ---------------------------------------------------------------- servers
 
 class Server:
-    def __init__(self, argv: list[str], env: dict, port: int, log: Path):
-        self.port, self.log = port, log
-        self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+    """A server process group started here; ``stop`` ends it and every process it started."""
+
+    def __init__(self, label: str, argv: list[str], env: dict, port: int, path: str, log: Path, cwd: Path = ROOT):
+        self.label, self.port, self.path, self.log = label, port, path, log
+        self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
 
-    def wait_ready(self, path: str, body: bytes, timeout: float = 120.0) -> None:
+    def wait_ready(self, body: bytes, timeout: float = 300.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log.read_text()[-2000:]}")
+                raise RuntimeError(f"{self.label} exited: {self.log.read_text()[-2000:]}")
             try:
-                status, _ = request(self.port, path, body)
+                status, _ = request(self.port, self.path, body)
                 if status == 200:
-                    # every worker loads its model on its first request: warm them all
-                    for _ in range(20):
-                        request(self.port, path, body)
+                    for _ in range(50):  # every worker loads its model on its first requests: warm them all
+                        request(self.port, self.path, body)
                     return
             except OSError:
                 pass
             time.sleep(0.5)
-        raise RuntimeError(f"server not ready in {timeout}s: {self.log.read_text()[-2000:]}")
+        raise RuntimeError(f"{self.label} not ready in {timeout:g} s: {self.log.read_text()[-2000:]}")
 
     def stop(self) -> None:
+        """SIGTERM to the group, SIGKILL after 20 s, then SIGKILL to any descendant that left the group."""
+        tree = _tree(self.proc.pid)
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
@@ -116,42 +122,55 @@ class Server:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        for pid in tree - {self.proc.pid}:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
 
 
-def request(port: int, path: str, body: bytes, conn: http.client.HTTPConnection | None = None):
-    c = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    c.request("POST", path, body=body, headers={"Content-Type": "image/png"})
-    resp = c.getresponse()
-    data = resp.read()
-    if resp.getheader("Connection", "").lower() == "close":
+def request(port: int, path: str, body: bytes):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        c.request("POST", path, body=body, headers={"Content-Type": "image/png"})
+        resp = c.getresponse()
+        return resp.status, resp.read()
+    finally:
         c.close()
-    if conn is None:
-        c.close()
-    return resp.status, data
 
 
-def _tree_cpu(root: int) -> float:
-    """CPU seconds (user + system) used so far by ``root`` and every live descendant."""
-    tick, total, todo, seen = os.sysconf("SC_CLK_TCK"), 0.0, [root], set()
+def _tree(root: int) -> set[int]:
+    """``root`` and every live descendant (a forward process in a session of its own included)."""
+    todo, seen = [root], set()
     while todo:
         pid = todo.pop()
         if pid in seen:
             continue
         seen.add(pid)
         try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick
             for task in os.listdir(f"/proc/{pid}/task"):
                 todo += [int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+    return seen
+
+
+def _tree_cpu(root: int) -> float:
+    """CPU seconds (user + system) used so far by ``root`` and every live descendant."""
+    tick, total = os.sysconf("SC_CLK_TCK"), 0.0
+    for pid in _tree(root):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
         except (OSError, IndexError, ValueError):
             continue
     return total
 
 
-def load(server: "Server", path: str, bodies: list[bytes], clients: int, duration: float) -> dict:
+def load(server: Server, bodies: list[bytes], clients: int, duration: float) -> dict:
     """``clients`` closed-loop clients for ``duration`` s, plus the CPU each side spent per request."""
     server_cpu, own = _tree_cpu(server.proc.pid), os.times()
-    out = loadgen.run(server.port, loadgen.encode_requests(path, bodies), clients, duration)
+    out = loadgen.run(server.port, loadgen.encode_requests(server.path, bodies), clients, duration)
     done = max(1, out["n"])
     now = os.times()
     out["server_cpu_ms"] = 1000 * (_tree_cpu(server.proc.pid) - server_cpu) / done
@@ -159,123 +178,137 @@ def load(server: "Server", path: str, bodies: list[bytes], clients: int, duratio
     return out
 
 
-def ceiling(ckpt: Path, threads: int, duration: float = 1.5) -> dict:
-    """Images/s of Predictor.infer at its best batch size, in this process."""
-    import torch
-
-    from ml.inference import Predictor
-
-    torch.set_num_threads(threads)
-    predictor = Predictor.from_checkpoint(ckpt)
-    best = {"rps": 0.0}
-    for bs in (1, 8, 32, 64, 128):
-        x = predictor.preprocess([torch.rand(3, 32, 32) for _ in range(bs)])
-        predictor.infer(x)
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < duration:
-            predictor.infer(x)
-            n += bs
-        rps = n / (time.perf_counter() - t0)
-        if rps > best["rps"]:
-            best = {"rps": rps, "batch_size": bs}
-    return best
-
-
-def kiln_home(home: Path, ckpt: Path, port: int, env: dict) -> dict:
-    """A Kiln home (migrated store, checkpoint registered as bench@production) and its server env."""
+def kiln_server(tmp: Path, ckpt: Path, base_env: dict, extra: dict) -> tuple[Server, dict]:
+    """Kiln on a fresh home with the checkpoint registered as bench@production; (server, its card's runtime)."""
     from configs import Settings
     from worker.db import migrate
     from worker.registry import Registry
 
-    settings = Settings.for_home(home, auth_enabled=False)
+    port = free_port()
+    settings = Settings.for_home(tmp / "var", auth_enabled=False)
     migrate(settings)
     registry = Registry.from_settings(settings)
-    registry.register_checkpoint("bench", ckpt)
-    registry.set_alias("bench", "production", 1)
+    version = registry.register_checkpoint("bench", ckpt)  # measures and builds its runtime, as POST /v1/models does
+    registry.set_alias("bench", "production", version["version"])
+    runtime = registry.resolve_model("bench@production")["card"]["runtime"]
     registry.engine.dispose()
-    return {**env, **settings.env(), "KILN_HOME": str(settings.home_path), "KILN_BIND": f"127.0.0.1:{port}",
-            "WEB_CONCURRENCY": env.get("WEB_CONCURRENCY", "2"), "KILN_WEB_THREADS": env.get("KILN_WEB_THREADS", "16")}
+    env = {**base_env, **settings.env(), "KILN_HOME": str(settings.home_path), "KILN_BIND": f"127.0.0.1:{port}",
+           "WEB_CONCURRENCY": "2", "KILN_WEB_THREADS": "16", **extra}
+    label = f"kiln ({env['WEB_CONCURRENCY']} gthread x {env['KILN_WEB_THREADS']}, {runtime['name']})"
+    return Server(label, [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "deploy/gunicorn.conf.py"),
+                          "web.wsgi:app"], env, port, "/predict?model=bench@production", tmp / "kiln.log"), runtime
+
+
+def torchserve_server(tmp: Path, ckpt: Path, base_env: dict) -> Server | str:
+    """TorchServe with the same weights, or why it is skipped."""
+    why = torchserve_peer.unavailable()
+    if why is not None:
+        return why
+    try:
+        bin_dir = torchserve_peer.install()
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        return f"TorchServe could not be installed: {exc}"
+    ports = (free_port(), free_port(), free_port())
+    argv, env = torchserve_peer.prepare(bin_dir, tmp / "torchserve", ckpt, ports)
+    label = (f"torchserve {torchserve_peer.VERSION} ({torchserve_peer.WORKERS} workers x 1 thread, batch "
+             f"{torchserve_peer.BATCH_SIZE} / {torchserve_peer.MAX_BATCH_DELAY_MS} ms)")
+    return Server(label, argv, {**base_env, **env}, ports[0], "/predictions/bench", tmp / "torchserve.log",
+                  cwd=tmp / "torchserve")
+
+
+def baseline_server(tmp: Path, ckpt: Path, base_env: dict) -> Server:
+    (tmp / "baseline_app.py").write_text(BASELINE_APP)
+    port = free_port()
+    env = {**base_env, "PYTHONPATH": f"{ROOT}:{tmp}", "BASELINE_CKPT": str(ckpt), "OMP_NUM_THREADS": "1"}
+    return Server("baseline flask (2 sync, 1 thread each)", [sys.executable, "-m", "gunicorn", "-w", "2", "-k", "sync",
+                  "-b", f"127.0.0.1:{port}", "--timeout", "120", "baseline_app:app"], env, port, "/predict",
+                  tmp / "baseline.log")
+
+
+# ---------------------------------------------------------------- report
+
+def machine() -> str:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor() or "unknown CPU")
+    return f"{model}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start"
+
+
+def report(results: dict[str, dict[int, dict]], levels: list[int], skipped: list[str], args, header: str) -> None:
+    print(f"\n{header}; {args.duration:g} s per cell; servers and load generator share the machine")
+    for why in skipped:
+        print(f"skipped: {why}")
+    print(f"{'server':58s} {'clients':>7s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>6s} "
+          f"{'server CPU ms/req':>17s} {'client CPU ms/req':>17s}")
+    for label, row in results.items():
+        for c in levels:
+            r = row[c]
+            print(f"{label:58s} {c:7d} {r['rps']:8.1f} {r['p50']:8.1f} {r['p99']:8.1f} {r['errors']:6d} "
+                  f"{r['server_cpu_ms']:17.2f} {r['client_cpu_ms']:17.2f}")
+    kiln = next(v for k, v in results.items() if k.startswith("kiln"))
+    peer = next((v for k, v in results.items() if k.startswith("torchserve")), None)
+    if peer is None:
+        return
+    print(f"\n{'kiln / torchserve':26s} {'clients':>7s} {'req/s':>8s} {'p50':>8s} {'p99':>8s} {'CPU/req':>8s}")
+    for c in levels:
+        k, t = kiln[c], peer[c]
+        print(f"{'':26s} {c:7d} {k['rps'] / t['rps']:8.2f} {k['p50'] / t['p50']:8.2f} {k['p99'] / t['p99']:8.2f} "
+              f"{k['server_cpu_ms'] / t['server_cpu_ms']:8.2f}")
+    checks = []
+    hi = max(levels)
+    if 32 in levels or hi >= 8:
+        checks += [(f"req/s at {hi} clients: kiln / torchserve", kiln[hi]["rps"] / peer[hi]["rps"], ">= 1.5"),
+                   (f"p99 at {hi} clients: kiln / torchserve", kiln[hi]["p99"] / peer[hi]["p99"], "< 1.0")]
+    if 8 in levels and hi != 8:
+        checks.append(("req/s at 8 clients: kiln / torchserve", kiln[8]["rps"] / peer[8]["rps"], ">= 1.5"))
+    if 1 in levels:
+        checks.append(("p50 at 1 client: kiln / torchserve", kiln[1]["p50"] / peer[1]["p50"], "<= 0.5"))
+    print()
+    for name, value, target in checks:
+        op, bound = target.split()
+        ok = {">=": value >= float(bound), "<": value < float(bound), "<=": value <= float(bound)}[op]
+        print(f"{name:44s} {value:8.2f}  target {target:7s} {'met' if ok else 'MISSED'}")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--duration", type=float, default=4.0, help="seconds per (server, clients) cell")
     ap.add_argument("--clients", default="1,8,32")
+    ap.add_argument("--servers", default="kiln,torchserve", help="any of kiln, torchserve, baseline (kiln always)")
     ap.add_argument("--kiln-env", action="append", default=[], metavar="KEY=VALUE",
                     help="extra environment for Kiln's server (e.g. WEB_CONCURRENCY=4, KILN_FORWARD_WORKERS=2)")
     args = ap.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
-    cores = os.cpu_count() or 1
+    wanted = set(args.servers.split(",")) | {"kiln"}
+    header = f"resnet18, 32x32 PNG, {machine()}"
     tmp = Path(tempfile.mkdtemp(prefix="kbench"))
     bodies = [png_bytes(i) for i in range(64)]
     servers: list[Server] = []
+    skipped: list[str] = []
     results: dict[str, dict[int, dict]] = {}
     try:
         ckpt = tmp / "resnet18.pt"
         write_checkpoint(ckpt)
-        (tmp / "baseline_app.py").write_text(BASELINE_APP)
-        base_env = {**os.environ, "PYTHONPATH": f"{ROOT}:{tmp}", "BASELINE_CKPT": str(ckpt)}
-        gunicorn = [sys.executable, "-m", "gunicorn"]
-        variants = {
-            "baseline (2 sync, default threads)": {},
-            "baseline (2 sync, 1 thread/worker)": {"BASELINE_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1"},
-        }
-        for label, extra in variants.items():
-            port = free_port()
-            srv = Server(gunicorn + ["-w", "2", "-k", "sync", "-b", f"127.0.0.1:{port}", "--timeout", "120",
-                                     "baseline_app:app"], {**base_env, **extra}, port, tmp / f"{len(servers)}.log")
-            servers.append(srv)
-            srv.wait_ready("/predict", bodies[0])
-            results[label] = {c: load(srv, "/predict", bodies, c, args.duration) for c in levels}
-            srv.stop()
-
-        port = free_port()
-        env = kiln_home(tmp / "var", ckpt, port, base_env)
-        env.update(dict(kv.split("=", 1) for kv in args.kiln_env))
-        srv = Server(gunicorn + ["-c", str(ROOT / "deploy/gunicorn.conf.py"), "web.wsgi:app"], env, port,
-                     tmp / "kiln.log")
-        servers.append(srv)
-        path = "/predict?model=bench@production"
-        srv.wait_ready(path, bodies[0])
-        from configs import Settings
-        from web.serving.web_app import forward_workers
-
-        forwards = forward_workers(Settings.from_env(env))
-        label = (f"kiln /predict ({env['WEB_CONCURRENCY']} gthread x {env.get('KILN_WEB_THREADS', 16)}, "
-                 f"{forwards} fwd thr)")
-        results[label] = {c: load(srv, path, bodies, c, args.duration) for c in levels}
-        srv.stop()
-
-        ceil = ceiling(ckpt, threads=cores)
+        base_env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        kiln, runtime = kiln_server(tmp, ckpt, base_env, dict(kv.split("=", 1) for kv in args.kiln_env))
+        servers.append(kiln)
+        print(f"kiln serves with {runtime['name']}: {runtime.get('reason', '')}", flush=True)
+        if "torchserve" in wanted:
+            peer = torchserve_server(tmp, ckpt, base_env)
+            (servers.append if isinstance(peer, Server) else skipped.append)(peer)
+        if "baseline" in wanted:
+            servers.append(baseline_server(tmp, ckpt, base_env))
+        for srv in servers:
+            srv.wait_ready(bodies[0])
+        results = {srv.label: {} for srv in servers}
+        for c in levels:  # cell by cell, the servers in turn
+            for srv in servers:
+                results[srv.label][c] = load(srv, bodies, c, args.duration)
+                print(f"  {srv.label[:40]:40s} {c:3d} clients: {results[srv.label][c]['rps']:7.1f} req/s", flush=True)
     finally:
         for srv in servers:
             srv.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-
-    print(f"\nresnet18, 32x32 PNG, {cores} CPU cores, {args.duration:g} s per cell")
-    print(f"{'server':44s} {'clients':>7s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>6s} "
-          f"{'server CPU ms/req':>17s} {'client CPU ms/req':>17s}")
-    for label, row in results.items():
-        for c, r in row.items():
-            print(f"{label:44s} {c:7d} {r['rps']:8.1f} {r['p50']:8.1f} {r['p99']:8.1f} {r['errors']:6d} "
-                  f"{r.get('server_cpu_ms', float('nan')):17.2f} {r.get('client_cpu_ms', float('nan')):17.2f}")
-    print(f"{'ceiling: Predictor.infer, batch ' + str(ceil['batch_size']):44s} {'-':>7s} {ceil['rps']:8.1f}")
-    kiln = results[label]
-    baselines = [v for k, v in results.items() if k.startswith("baseline")]
-    hi = max(levels)
-    best_hi = max(b[hi]["rps"] for b in baselines)
-    checks = [(f"kiln/best baseline req/s at {hi} clients", kiln[hi]["rps"] / best_hi, ">= 3.0",
-               kiln[hi]["rps"] >= 3 * best_hi),
-              (f"kiln/ceiling at {hi} clients", kiln[hi]["rps"] / ceil["rps"], ">= 0.4",
-               kiln[hi]["rps"] >= 0.4 * ceil["rps"]),
-              (f"kiln p99 at {hi} clients (ms)", kiln[hi]["p99"], "< 150", kiln[hi]["p99"] < 150)]
-    if 1 in levels:
-        best_p50 = min(b[1]["p50"] for b in baselines)
-        checks.append(("kiln p50 / best baseline p50 at 1 client", kiln[1]["p50"] / best_p50, "<= 1.2",
-                       kiln[1]["p50"] <= 1.2 * best_p50))
-    print()
-    for name, value, target, ok in checks:
-        print(f"{name:44s} {value:8.2f}  target {target:7s} {'ok' if ok else 'MISSED'}")
+    report(results, levels, skipped, args, header)
     return 0
 
 
