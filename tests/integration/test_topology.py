@@ -1,0 +1,163 @@
+"""Kiln as several hosts: one web host and two worker hosts, each a process group of its own with
+its own KILN_HOME and no shared disk, sharing a PostgreSQL store, Redis over TCP and an S3 bucket
+(moto's server; s3fs as Kiln's client). PostgreSQL comes from KILN_TEST_POSTGRES_URL or is started
+here; without one the test fails and says how to get one."""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+
+import pytest
+import requests
+
+from configs import Settings
+from tests.integration.test_jobs_http import _digits_zip
+from worker.db import make_engine, migrate
+from worker.live import TINY
+from worker.topology import Host, Postgres, S3Server, TcpRedis
+
+pytestmark = pytest.mark.integration
+BUCKET, PREFIX = "kiln-topology", "kiln"
+FAST = dict(auth_enabled=False, heartbeat_s=0.5, lease_timeout_s=4.0, reconcile_every_s=1.0, progress_every_s=0.2)
+
+
+class Cluster:
+    def __init__(self, root):
+        self.root = root
+        self.pg, self.redis, self.s3 = Postgres(root), TcpRedis(root / "redis"), S3Server(root / "moto.log")
+        self.hosts: dict[str, Host] = {}
+
+    def start(self) -> "Cluster":
+        db_url = self.pg.start()
+        self.redis.start()
+        self.s3.start(BUCKET)
+        for name, role in (("web", "web"), ("worker-a", "worker"), ("worker-b", "worker")):
+            home = self.root / name
+            s = Settings.for_home(home, redis_url=self.redis.url, database_url=db_url,
+                                  storage_url=f"s3://{BUCKET}/{PREFIX}", worker_name=name, **FAST)
+            if role == "web":
+                migrate(s)
+                make_engine(s).dispose()
+            self.hosts[name] = Host(name, home, role, s, self.s3.url)
+        for host in self.hosts.values():
+            host.start()
+        return self
+
+    def stop(self) -> None:
+        for host in self.hosts.values():
+            host.stop()
+        self.redis.stop()
+        self.s3.stop()
+        self.pg.stop()
+
+    # ------------------------------------------------------------------ client
+    def get(self, path: str, **kw) -> requests.Response:
+        return requests.get(self.hosts["web"].url(path), timeout=30, **kw)
+
+    def submit(self, config: dict) -> dict:
+        r = requests.post(self.hosts["web"].url("/v1/jobs"), json={"kind": "train", "config": config}, timeout=30)
+        assert r.status_code == 202, r.text
+        return r.json()
+
+    def job(self, job_id: str) -> dict:
+        return self.get(f"/v1/jobs/{job_id}").json()
+
+    def wait(self, job_id: str, done=lambda j: j["status"] in ("succeeded", "failed", "cancelled"),
+             timeout: float = 300) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = self.job(job_id)
+            if done(job):
+                return job
+            time.sleep(0.2)
+        raise TimeoutError(f"job {job_id}: {job}\n" + "\n".join(
+            h.log.read_text(errors="replace")[-3000:] for h in self.hosts.values()))
+
+    def bucket(self, job_id: str) -> dict[str, bytes]:
+        c, prefix = self.s3.client(), f"{PREFIX}/jobs/{job_id}/"
+        keys = [o["Key"] for o in c.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])]
+        return {k[len(prefix):]: c.get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in keys}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("topology"))
+    try:
+        yield c.start()
+    finally:
+        c.stop()
+
+
+def config(epochs: int) -> dict:
+    return {**TINY, "training": {**TINY["training"], "epochs": epochs}}
+
+
+def served_matches_bucket(c: Cluster, job_id: str) -> None:
+    listed = c.get(f"/v1/jobs/{job_id}/artifacts")
+    assert listed.status_code == 200, listed.text
+    stored = c.bucket(job_id)
+    for item in listed.json()["artifacts"]:
+        body = c.get(f"/v1/jobs/{job_id}/artifacts/{item['name']}").content
+        assert body == stored[item["name"]], item["name"]
+        assert hashlib.sha256(body).hexdigest() == item["sha256"] and len(body) == item["size"], item
+    assert c.get(f"/v1/jobs/{job_id}/logs").content == stored["train.log"]
+    epochs = [json.loads(line) for line in stored["metrics.jsonl"].splitlines()]
+    assert len(c.get(f"/v1/jobs/{job_id}/metrics").json()["epochs"]) == sum(e.get("type") == "epoch"
+                                                                          for e in epochs)
+
+
+def test_the_web_host_serves_what_the_worker_hosts_put_in_the_bucket(cluster):
+    c = cluster
+    job = c.submit(config(4))
+    c.wait(job["id"], lambda j: (j["progress"]["epoch"] or 0) >= 1 or j["status"] != "queued")
+    answers = []
+    while c.job(job["id"])["status"] in ("queued", "running"):
+        answers.append(c.get(f"/v1/jobs/{job['id']}/artifacts").status_code)
+        logs, metrics = c.get(f"/v1/jobs/{job['id']}/logs"), c.get(f"/v1/jobs/{job['id']}/metrics")
+        assert logs.status_code == 200 and metrics.status_code == 200
+        time.sleep(0.3)
+    assert answers and set(answers) == {200}, answers
+    done = c.job(job["id"])
+    assert done["status"] == "succeeded", done
+    stored = c.bucket(job["id"])
+    assert {"checkpoints/last.pt", "checkpoints/best.pt", "train.log", "metrics.jsonl", "config.yaml"} <= set(stored)
+    served_matches_bucket(c, job["id"])
+
+
+def test_a_killed_worker_host_job_resumes_on_the_other_from_the_bucket(cluster):
+    c = cluster
+    job = c.submit(config(6))
+    running = c.wait(job["id"], lambda j: (j["progress"]["epoch"] or 0) >= 1 and j["status"] == "running"
+                     and "checkpoints/last.pt" in c.bucket(j["id"]))
+    first = running["worker"]
+    other = "worker-b" if first == "worker-a" else "worker-a"
+    c.hosts[first].kill()  # mid-epoch: the progress is past an epoch boundary with a checkpoint
+    try:
+        done = c.wait(job["id"])
+    finally:
+        c.hosts[first].start()
+    assert (done["status"], done["attempts"], done["worker"]) == ("succeeded", 2, other), done
+    log = c.bucket(job["id"])["train.log"].decode()
+    assert "resum" in log.lower(), log[-2000:]
+    served_matches_bucket(c, job["id"])
+
+
+def test_an_uploaded_dataset_trains_on_a_worker_host_with_defaults(cluster):
+    c = cluster
+    r = requests.post(c.hosts["web"].url("/v1/datasets"), files={"file": ("digits.zip", _digits_zip(), "application/zip")},
+                      timeout=60)
+    assert r.status_code == 201, r.text
+    job = c.submit({"data": {"dataset": r.json()["id"], "image_size": 16}, "training": {"epochs": 1}})
+    done = c.wait(job["id"])
+    assert done["status"] == "succeeded", done
+
+
+def test_redis_restarted_mid_run_loses_no_job(cluster):
+    c = cluster
+    jobs = [c.submit(config(2)) for _ in range(3)]
+    c.wait(jobs[0]["id"], lambda j: j["status"] != "queued")
+    c.redis.restart()
+    for job in jobs:
+        done = c.wait(job["id"])
+        assert done["status"] == "succeeded", done

@@ -1,0 +1,196 @@
+"""Several Kiln hosts on one machine, for the multi-host test and benchmarks: a PostgreSQL
+(KILN_TEST_POSTGRES_URL, or a throwaway cluster as .ci/postgres.sh starts one), Redis over TCP
+with an append-only file, moto's S3 server, and web or worker "hosts", each a process group of
+its own with its own KILN_HOME and no shared disk. Nothing here runs in a production process.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import requests
+import sqlalchemy as sa
+
+from configs import Settings
+from worker.live import ROOT, free_port
+from worker.redis_server import redis_binary
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def _wait(check, what: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except Exception:
+            pass
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: the process exited with {proc.returncode}")
+        time.sleep(0.2)
+    raise TimeoutError(f"{what} not ready after {timeout:g} s")
+
+
+class Postgres:
+    """A schema of its own in KILN_TEST_POSTGRES_URL's database, or in a cluster started here."""
+
+    def __init__(self, workdir: Path):
+        self.workdir, self.cluster, self.schema = workdir, None, "kiln_topo_" + uuid.uuid4().hex[:10]
+        self.base = os.environ.get("KILN_TEST_POSTGRES_URL", "")
+
+    def start(self) -> str:
+        if not self.base:
+            self.base = self._start_cluster()
+        engine = sa.create_engine(self.base)
+        with engine.begin() as conn:
+            conn.execute(sa.text(f'CREATE SCHEMA "{self.schema}"'))
+        engine.dispose()
+        sep = "&" if "?" in self.base else "?"
+        return f"{self.base}{sep}options=-csearch_path%3D{self.schema}"
+
+    def _start_cluster(self) -> str:
+        bins = sorted(Path("/usr/lib/postgresql").glob("*/bin")) if Path("/usr/lib/postgresql").exists() else []
+        pg_bin = str(bins[-1]) if bins else str(Path(shutil.which("initdb") or "").parent)
+        if not (Path(pg_bin) / "initdb").exists():
+            raise RuntimeError("the multi-host test needs PostgreSQL: set KILN_TEST_POSTGRES_URL (.ci/run does) "
+                               "or install PostgreSQL (apt-get install postgresql)")
+        data = Path(tempfile.mkdtemp(prefix="kiln-pg."))
+        port = free_port()
+        run_as = ["su", "postgres", "-c"] if os.geteuid() == 0 else ["bash", "-c"]
+        if os.geteuid() == 0:
+            shutil.chown(data, "postgres")
+        subprocess.run(run_as + [f"{pg_bin}/initdb -D {data}/data -A trust -U postgres"], check=True,
+                       stdout=subprocess.DEVNULL)
+        subprocess.run(run_as + [f"{pg_bin}/pg_ctl -D {data}/data -o '-k {data} -p {port} -c "
+                                 f"listen_addresses=127.0.0.1' -l {data}/log -w start"], check=True,
+                       stdout=subprocess.DEVNULL)
+        self.cluster = (run_as, pg_bin, data)
+        return f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+
+    def stop(self) -> None:
+        try:
+            engine = sa.create_engine(self.base)
+            with engine.begin() as conn:
+                conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE'))
+            engine.dispose()
+        finally:
+            if self.cluster:
+                run_as, pg_bin, data = self.cluster
+                subprocess.run(run_as + [f"{pg_bin}/pg_ctl -D {data}/data -m fast stop"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+                shutil.rmtree(data, ignore_errors=True)
+
+
+class TcpRedis:
+    """redis-server on a TCP port with an append-only file (a restart keeps the queue)."""
+
+    def __init__(self, directory: Path):
+        self.directory, self.port, self.proc = directory, free_port(), None
+        directory.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "TcpRedis":
+        self.proc = subprocess.Popen([redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+                                      "--dir", str(self.directory), "--appendonly", "yes",
+                                      "--appendfsync", "everysec", "--save", ""],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        import redis
+
+        _wait(lambda: redis.Redis.from_url(self.url, socket_timeout=1).ping(), "redis", 20, self.proc)
+        return self
+
+    def restart(self) -> None:
+        """SIGKILL and start again on the same directory (after the last fsync second)."""
+        time.sleep(1.2)
+        self.stop(signal.SIGKILL)
+        self.start()
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(20)
+
+
+class S3Server:
+    """moto's S3 server: a real HTTP S3 endpoint."""
+
+    def __init__(self, log: Path):
+        self.port, self.log, self.proc = free_port(), log, None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, bucket: str) -> "S3Server":
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=open(self.log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+        _wait(lambda: requests.get(self.url, timeout=1) is not None, "moto", 60, self.proc)
+        self.client().create_bucket(Bucket=bucket)
+        return self
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.url, **{
+            "aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1"})
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(20)
+
+
+class Host:
+    """One web or worker host: its own KILN_HOME, the shared store, broker and bucket."""
+
+    def __init__(self, name: str, home: Path, role: str, settings: Settings, s3_url: str):
+        self.name, self.home, self.role, self.settings = name, home, role, settings
+        self.env = {**os.environ, **settings.env(), **S3_ENV, "AWS_ENDPOINT_URL": s3_url,
+                    "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
+        self.port = free_port()
+        self.log = home / f"{name}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Host":
+        self.home.mkdir(parents=True, exist_ok=True)
+        if self.role == "web":
+            cmd = [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{self.port}", "--workers", "2",
+                   "--threads", "4", "--timeout", "60", "web.wsgi:app"]
+        else:
+            cmd = [sys.executable, "-m", "celery", "-A", "worker.celery_main", "worker", "--pool", "prefork",
+                   "--concurrency", "1", "--loglevel", "INFO", "-O", "fair", "--hostname", f"{self.name}@%h"]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=open(self.log, "ab"),
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        if self.role == "web":
+            _wait(lambda: requests.get(self.url("/health"), timeout=1).ok, f"{self.name} /health", 90, self.proc)
+        else:
+            _wait(lambda: "ready" in self.log.read_text(errors="replace"), f"{self.name}", 90, self.proc)
+        return self
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def kill(self) -> None:
+        """SIGKILL the host's whole process group (its job process dies with its parent)."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
