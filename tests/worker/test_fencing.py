@@ -3,7 +3,6 @@ lease owner (one attempt on one worker) is the fencing token of every state chan
 write and artifact commit; a heartbeat that fails for the lease TTL counts as a lost lease."""
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import subprocess
