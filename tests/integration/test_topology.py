@@ -161,3 +161,30 @@ def test_redis_restarted_mid_run_loses_no_job(cluster):
     for job in jobs:
         done = c.wait(job["id"])
         assert done["status"] == "succeeded", done
+
+
+def test_a_queued_jobs_message_deleted_from_redis_is_sent_again(cluster):
+    import redis
+
+    from worker.reconcile import queued_in_broker
+
+    c = cluster
+    workers = [c.hosts["worker-a"], c.hosts["worker-b"]]
+    for host in workers:
+        host.stop()
+    try:
+        job = c.submit(config(1))
+        client = redis.Redis.from_url(c.redis.url)
+        assert job["id"] in queued_in_broker(client)
+        for key in client.keys("kiln*"):  # the message is lost: every list entry naming the job goes
+            if client.type(key) == b"list":
+                for raw in client.lrange(key, 0, -1):
+                    if job["id"].encode() in raw:
+                        client.lrem(key, 0, raw)
+        assert job["id"] not in queued_in_broker(client)
+        client.close()
+    finally:
+        for host in workers:
+            host.start()
+    done = c.wait(job["id"], timeout=120)
+    assert (done["status"], done["attempts"]) == ("succeeded", 1), done
