@@ -1,14 +1,6 @@
 """Serving benchmark: Kiln's /predict against TorchServe 0.12 (and a textbook Flask baseline), one load generator.
 
-resnet18 (untrained, written via ml.checkpoint; no downloads) on 32x32 RGB PNGs, the same weights everywhere.
-  kiln:       /predict under deploy/gunicorn.conf.py (gthread, the host's forward process, the runtime
-              the version's card chose)
-  torchserve: TorchServe 0.12 in its own venv under var/ (bench/torchserve_peer.py), 2 workers x 1 thread,
-              batch 32 / 5 ms, a handler doing what Kiln does (bench/torchserve_handler.py); skipped with a
-              message without Java 17 or when pip cannot install it
-  baseline:   minimal Flask app, one image per forward, gunicorn 2 sync workers, 1 thread each (opt-in)
-All servers run at once and take turns cell by cell, so a machine whose speed drifts treats them alike.
-Loopback only, bounded (about DURATION_S per cell), every process it started is gone at the end.
+Same untrained resnet18 and 32x32 PNGs everywhere; docs/serving.md says what each server runs and how to read it.
     python bench/serve.py [--duration 4] [--clients 1,8,32] [--servers kiln,torchserve[,baseline]]
 """
 from __future__ import annotations

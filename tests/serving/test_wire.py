@@ -56,6 +56,27 @@ def test_frames_carry_json_and_raw_uint8_arrays(pair):
         wire.send(a, {"id": 10}, np.zeros((1, 2, 2, 1), np.float64))  # only uint8 crosses
 
 
+def test_a_reader_takes_frames_that_arrived_together_and_large_payloads_whole(pair):
+    a, b = pair
+    small = [np.full((1, 4, 4, 1), i, np.uint8) for i in range(5)]
+    big = np.arange(3 * 256 * 256 * 3, dtype=np.uint8).reshape(3, 256, 256, 3)  # past the read buffer
+    a.sendall(b"".join(wire.encode({"id": i}, x) for i, x in enumerate(small)))  # one write, five frames
+    sender = threading.Thread(target=lambda: (wire.send(a, {"id": 5}, big), wire.send(a, {"id": 6})))
+    sender.start()
+    reader = wire.Reader(b)
+    for i, x in enumerate(small):
+        header, array = reader.recv()
+        assert header == {"id": i} and np.array_equal(array, x)
+        assert reader.buffered() == (i < len(small) - 1)  # the rest came with the first read
+    header, array = reader.recv()
+    assert header == {"id": 5} and np.array_equal(array, big) and array.flags.writeable
+    assert reader.recv() == ({"id": 6}, None)
+    sender.join()
+    a.close()
+    with pytest.raises(EOFError):
+        reader.recv()
+
+
 def raw_frame(header: bytes, payload: bytes = b"", magic: bytes = wire.MAGIC, sizes=None) -> bytes:
     h, p = sizes or (len(header), len(payload))
     return wire.PREFIX.pack(magic, h, p) + header + payload

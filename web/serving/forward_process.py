@@ -1,28 +1,7 @@
 """The forward process: batched forward passes for every web process on the host, and registry builds.
 
-It runs as ``python -m web.serving.forward_process``; web processes reach it through web_client.py.
-Only ``forward_*`` modules import torch (web processes never do).
-
-A web process runs many request threads that parse HTTP, decode images and write
-JSON: all Python, all taking the GIL in turn. An eager PyTorch forward pass in the
-same process must take the GIL back after every operator; with busy request threads
-each of those waits can last the interpreter's switch interval (5 ms), and a forward
-pass that takes 10 ms alone took ten times longer under load. So forward passes run
-here, in a process that does nothing else.
-
-One ``Batcher`` feeds forward workers (one intra-op thread each) that take everything
-waiting whenever one of them is free, from every connected web process, one forward
-pass per model, through the runtime the version's card chose (forward_models.py):
-batches are as large as the host's traffic makes them, and a lone request runs at once.
-Each web process gets the answers of a forward pass in one write. At most ``--max-queue``
-inputs of a model wait; beyond that a request is refused at once (QueueFull: a 503 with
-Retry-After). Pings and health reports are answered by the I/O thread (forward_sockets.py),
-so a web process can tell a busy forward process from a hung one. Registration builds
-its artifacts here too (``build``), on a control thread that also loads models.
-
-By default all web processes of a host share one forward process on a unix socket
-(``web_place.SocketPlace``); ``forward_socket = "private"`` gives each web process its own
-child on a socket pair. Messages are wire.py frames (JSON header + raw uint8 bytes), never pickles.
+It runs as ``python -m web.serving.forward_process``, started and reached by web_client.py; why forward
+passes get a process of their own, and how it batches, refuses and is watched, is in docs/serving.md.
 """
 from __future__ import annotations
 
@@ -92,6 +71,12 @@ class _ForwardRequest:
 
 class _Server:
     """An I/O thread reads requests into one Batcher; ``workers`` threads run the forwards.
+
+    A free worker takes everything waiting, from every web process, and runs one forward pass per
+    model through the runtime the version's card chose; each web process gets that pass's answers
+    in one write. At most ``max_queue`` inputs of a model wait: beyond that a request is refused at
+    once (QueueFull). Pings and health reports are answered on the I/O thread, so a web process can
+    tell a busy forward process from a hung one; loads and registry builds run on a control thread.
 
     Worker 0 is the process's main thread and always gets work first; the others take
     batches only while it is busy. Under load every worker runs its forward passes on

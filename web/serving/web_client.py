@@ -1,9 +1,7 @@
-"""Web process: ``ForwardClient``, one connection to the forward process (``python -m web.serving.forward_process``).
+"""Web process: ``ForwardClient``, one connection to the forward process, with a heartbeat that tells hung from busy.
 
-No torch here: request threads send uint8 arrays and get top-k rows back (see forward_process.py),
-framed by wire.py. A heartbeat tells a hung forward process (stopped, deadlocked) from a busy
-one; a hung one is killed, and the next request starts a new one. ``web_place.SocketPlace``
-says where the host's shared forward process listens.
+Request threads send uint8 arrays and get top-k rows back (no torch here); a forward process that stops
+answering is killed, and the next request starts a new one.
 """
 from __future__ import annotations
 

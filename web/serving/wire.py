@@ -1,10 +1,8 @@
-"""Both processes: how web processes and the forward process talk, and where they meet.
+"""Both processes: the forward protocol (a JSON header and the raw bytes of one uint8 array per frame, never
+pickles) and the private unix socket where web processes and the forward process meet.
 
-A message is one frame: ``MAGIC``, the byte lengths of a JSON header and of a payload,
-the header, then the raw bytes of at most one uint8 array (the header gives its shape).
-Nothing received is unpickled or evaluated, so a peer can at worst send a bad frame,
-which closes its connection. The shared socket lives in a directory only this user can
-enter, is created with mode 0600, and each side checks the other's uid (SO_PEERCRED).
+The socket lives in a directory only this user can enter, is created with mode 0600, and each side checks
+the other's uid (SO_PEERCRED); a peer can at worst send a bad frame, which closes its connection.
 """
 from __future__ import annotations
 
@@ -33,8 +31,8 @@ class ProtocolError(ConnectionError):
     """A frame that breaks the protocol: the connection it came on is closed."""
 
 
-def encode(header: dict, array: np.ndarray | None = None) -> bytes:
-    """One frame as bytes: ``header`` as JSON and ``array`` (uint8) as raw bytes."""
+def _parts(header: dict, array: np.ndarray | None) -> tuple[bytes, memoryview | bytes]:
+    """(prefix + JSON header, payload) of one frame."""
     payload = b""
     if array is not None:
         array = np.ascontiguousarray(array)
@@ -45,12 +43,23 @@ def encode(header: dict, array: np.ndarray | None = None) -> bytes:
     text = json.dumps(header, separators=(",", ":")).encode()
     if len(text) > MAX_HEADER or len(payload) > MAX_PAYLOAD:
         raise ValueError(f"message too large for the forward protocol ({len(text)} + {len(payload)} bytes)")
-    return b"".join((PREFIX.pack(MAGIC, len(text), len(payload)), text, payload))
+    return PREFIX.pack(MAGIC, len(text), len(payload)) + text, payload
+
+
+def encode(header: dict, array: np.ndarray | None = None) -> bytes:
+    """One frame as bytes: ``header`` as JSON and ``array`` (uint8) as raw bytes."""
+    head, payload = _parts(header, array)
+    return head + payload if payload else head
 
 
 def send(sock: socket.socket, header: dict, array: np.ndarray | None = None) -> None:
-    """Write one frame (one system call for the whole frame). Not thread-safe: lock around it."""
-    sock.sendall(encode(header, array))
+    """Write one frame: one system call, or two without copying a large payload. Not thread-safe: lock around it."""
+    head, payload = _parts(header, array)
+    if len(payload) > BUFFER:
+        sock.sendall(head)
+        sock.sendall(payload)
+    else:
+        sock.sendall(head + payload if payload else head)
 
 
 class Reader:
