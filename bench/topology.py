@@ -19,6 +19,7 @@ kill), the job succeeded 30.3 s after the kill, attempts 2.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -74,6 +75,7 @@ def main() -> None:
               f"{time.monotonic() - t0:.1f} s, attempts {end['attempts']}")
     finally:
         c.stop()
+        shutil.rmtree(c.root, ignore_errors=True)
 
 
 if __name__ == "__main__":
