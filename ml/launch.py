@@ -145,6 +145,9 @@ def launch(fn: Callable, world_size: int, args: tuple = (), *, device_type: str 
             if p.is_alive():
                 p.kill()
             p.join()
+        for name in procs.error_files if procs else ():  # torch leaves a failed rank's traceback in /tmp
+            with contextlib.suppress(OSError):
+                os.unlink(name)
         for r, _ in pipes:
             r.close()
         shutil.rmtree(folder, ignore_errors=True)
