@@ -44,10 +44,16 @@ def s3_env(tmp_path_factory):
         for key, value in env.items():
             mp.setenv(key, value)
         import boto3
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()  # fsspec reuses filesystems (and their endpoint) by arguments
 
         boto3.client("s3").create_bucket(Bucket=BUCKET)
         yield env
     finally:
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()
         mp.undo()
         proc.terminate()
         proc.wait(10)
