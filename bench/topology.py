@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.integration.test_topology import Cluster  # noqa: E402
+from worker.topology import Cluster  # noqa: E402
 
 SMALL = {"data": {"image_size": 16, "subset": 300}, "training": {"batch_size": 32}}
 

@@ -11,73 +11,11 @@ import time
 import pytest
 import requests
 
-from configs import Settings
 from tests.integration.test_jobs_http import _digits_zip
-from worker.db import make_engine, migrate
 from worker.live import TINY
-from worker.topology import Host, Postgres, S3Server, TcpRedis
+from worker.topology import Cluster
 
 pytestmark = pytest.mark.integration
-BUCKET, PREFIX = "kiln-topology", "kiln"
-FAST = dict(auth_enabled=False, heartbeat_s=0.5, lease_timeout_s=4.0, reconcile_every_s=1.0, progress_every_s=0.2)
-
-
-class Cluster:
-    def __init__(self, root):
-        self.root = root
-        self.pg, self.redis, self.s3 = Postgres(root), TcpRedis(root / "redis"), S3Server(root / "moto.log")
-        self.hosts: dict[str, Host] = {}
-
-    def start(self) -> "Cluster":
-        db_url = self.pg.start()
-        self.redis.start()
-        self.s3.start(BUCKET)
-        for name, role in (("web", "web"), ("worker-a", "worker"), ("worker-b", "worker")):
-            home = self.root / name
-            s = Settings.for_home(home, redis_url=self.redis.url, database_url=db_url,
-                                  storage_url=f"s3://{BUCKET}/{PREFIX}", worker_name=name, **FAST)
-            if role == "web":
-                migrate(s)
-                make_engine(s).dispose()
-            self.hosts[name] = Host(name, home, role, s, self.s3.url)
-        for host in self.hosts.values():
-            host.start()
-        return self
-
-    def stop(self) -> None:
-        for host in self.hosts.values():
-            host.stop()
-        self.redis.stop()
-        self.s3.stop()
-        self.pg.stop()
-
-    # ------------------------------------------------------------------ client
-    def get(self, path: str, **kw) -> requests.Response:
-        return requests.get(self.hosts["web"].url(path), timeout=30, **kw)
-
-    def submit(self, config: dict) -> dict:
-        r = requests.post(self.hosts["web"].url("/v1/jobs"), json={"kind": "train", "config": config}, timeout=30)
-        assert r.status_code == 202, r.text
-        return r.json()
-
-    def job(self, job_id: str) -> dict:
-        return self.get(f"/v1/jobs/{job_id}").json()
-
-    def wait(self, job_id: str, done=lambda j: j["status"] in ("succeeded", "failed", "cancelled"),
-             timeout: float = 300) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            job = self.job(job_id)
-            if done(job):
-                return job
-            time.sleep(0.2)
-        raise TimeoutError(f"job {job_id}: {job}\n" + "\n".join(
-            h.log.read_text(errors="replace")[-3000:] for h in self.hosts.values()))
-
-    def bucket(self, job_id: str) -> dict[str, bytes]:
-        c, prefix = self.s3.client(), f"{PREFIX}/jobs/{job_id}/"
-        keys = [o["Key"] for o in c.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])]
-        return {k[len(prefix):]: c.get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in keys}
 
 
 @pytest.fixture(scope="module")
