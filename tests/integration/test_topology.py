@@ -13,7 +13,7 @@ import requests
 
 from tests.integration.test_jobs_http import _digits_zip
 from worker.live import TINY
-from worker.topology import Cluster
+from worker.topology import BUCKET, PREFIX, Cluster
 
 pytestmark = pytest.mark.integration
 
@@ -126,3 +126,27 @@ def test_a_queued_jobs_message_deleted_from_redis_is_sent_again(cluster):
             host.start()
     done = c.wait(job["id"], timeout=120)
     assert (done["status"], done["attempts"]) == ("succeeded", 1), done
+
+
+def test_a_model_registered_on_the_web_host_is_served_from_the_bucket(cluster):
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    c = cluster
+    done = c.wait(c.submit(config(1))["id"])
+    assert done["status"] == "succeeded", done
+    r = requests.post(c.hosts["web"].url("/v1/models"), json={"name": "topo", "job_id": done["id"]}, timeout=300)
+    assert r.status_code == 201, r.text
+    keys = [o["Key"] for o in c.s3.client().list_objects_v2(Bucket=BUCKET, Prefix=f"{PREFIX}/models/topo/")
+            .get("Contents", [])]
+    assert any(k.endswith("/model.pt") for k in keys), keys
+    png = io.BytesIO()
+    Image.fromarray(np.rint(load_digits().images[0] * 255 / 16).astype(np.uint8), "L").save(png, "PNG")
+    r = requests.post(c.hosts["web"].url("/predict?model=topo"), files={"image": ("d.png", png.getvalue(),
+                                                                                  "image/png")}, timeout=120)
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert answer["model"]["name"] == "topo" and len(answer["predictions"]) == 1, answer
