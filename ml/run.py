@@ -104,10 +104,17 @@ def state(run: Run, epoch_done: int, batch_in_epoch: int) -> dict:
             "world_size": run.world_size, "versions": versions()}
 
 
+# What only resuming needs: last.pt keeps it; best.pt (what is evaluated, registered and served) does not.
+RESUME_ONLY = ("optimizer", "scheduler", "scaler", "rng", "partial", "batch_in_epoch")
+
+
 def save(run: Run, name: str, epoch_done: int, batch_in_epoch: int = 0) -> None:
-    """Write checkpoints/<name>.pt; only the process that writes the run's files does."""
+    """Write checkpoints/<name>.pt (best.pt: weights and metadata only); only the writing process does."""
     if run.main:
-        save_checkpoint(run.out / "checkpoints" / f"{name}.pt", state(run, epoch_done, batch_in_epoch))
+        ckpt = state(run, epoch_done, batch_in_epoch)
+        if name == "best":
+            ckpt = {k: v for k, v in ckpt.items() if k not in RESUME_ONLY}
+        save_checkpoint(run.out / "checkpoints" / f"{name}.pt", ckpt)
 
 
 def restore(run: Run, ckpt: dict) -> tuple[int, int]:

@@ -84,6 +84,7 @@ def response_components() -> dict:
                           "metrics": {"type": "object", "required": ["latest", "best"],
                                       "properties": {"latest": {"type": "object"}, "best": {"type": "object"}}},
                           "config": {"type": "object"}, "error": nts, "worker": nts,
+                          "world_size": {"type": "integer", "minimum": 1},
                           "cancel_requested": {"type": "boolean"}, "created_at": ts, "started_at": nts,
                           "finished_at": nts, "updated_at": nts}}
     dataset = {"type": "object", "required": ["id", "name", "classes", "counts", "num_images", "size", "created_at"],

@@ -17,7 +17,7 @@ from worker.jobproc import Outcome, classify
 from worker.jobsync import DirSync
 
 log = logging.getLogger("kiln.worker")
-PROGRESS_KEYS = ("epoch", "epochs", "step", "total_steps", "percent", "eta_s")
+PROGRESS_KEYS = ("epoch", "epochs", "step", "total_steps", "percent", "eta_s", "world_size")
 
 # ------------------------------------------------------------------ logging: job id on every record
 _current_job = "-"

@@ -229,14 +229,8 @@ def run_train(run: JobRun) -> str:
     from ml.train import train
 
     cfg = parse_config(run.job["config"], "train")
-
-    def report(p: dict) -> None:
-        if p.get("world_size", 1) > 1:  # the job's world size, in its latest metrics
-            p = {**p, "metrics": {**(p.get("metrics") or {}), "world_size": p["world_size"]}}
-        run.report(p)
-
     try:
-        result = train(cfg, run.work_dir, report=report, should_stop=run.should_stop,
+        result = train(cfg, run.work_dir, report=run.report, should_stop=run.should_stop,
                        dataset_roots=run.dataset_roots, console=False)
     except RankFailed as exc:  # a ConnectionError is transient: back to the queue, attempts + 1
         raise ConnectionError(f"{exc}; the job resumes from its last checkpoint") from exc

@@ -264,6 +264,7 @@ def to_dict(row: dict) -> dict:
             "max_attempts": row["max_attempts"], "progress": progress,
             "metrics": {"latest": row.get("metrics_latest") or {}, "best": row.get("metrics_best") or {}},
             "config": row["config"], "error": row.get("error"), "worker": row.get("worker"),
+            "world_size": int(p.get("world_size") or 1),
             "cancel_requested": bool(row.get("cancel_requested")),
             "created_at": iso(row["created_at"]), "started_at": iso(row.get("started_at")),
             "finished_at": iso(row.get("finished_at")), "updated_at": iso(row.get("updated_at"))}

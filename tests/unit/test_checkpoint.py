@@ -63,3 +63,14 @@ def test_load_rejects_foreign_and_missing_files(tmp_path):
         load_checkpoint(tmp_path / "junk.pt")
     with pytest.raises(ValueError, match="does not exist"):
         load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_best_holds_weights_and_metadata_only(resnet_run):
+    """best.pt is what is evaluated, registered and served: no optimizer, scheduler, scaler or RNG."""
+    best = torch.load(resnet_run / "checkpoints" / "best.pt", weights_only=True)
+    last = torch.load(resnet_run / "checkpoints" / "last.pt", weights_only=True)
+    assert not {"optimizer", "scheduler", "scaler", "rng", "partial"} & set(best)
+    assert {"model", "config", "classes", "normalization", "metrics", "best", "versions"} <= set(best)
+    assert all(torch.equal(best["model"][k], last["model"][k]) for k in last["model"])  # one epoch: same weights
+    size = (resnet_run / "checkpoints" / "best.pt").stat().st_size
+    assert size < 0.6 * (resnet_run / "checkpoints" / "last.pt").stat().st_size  # Adam's moments doubled it
