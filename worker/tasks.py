@@ -44,7 +44,8 @@ def register(app) -> None:
             # the job row went back to queued; a fresh message (after a pause) runs it again
             raise task.retry(exc=exc, countdown=exc.retry_in, max_retries=None)
 
-    job_task = {"bind": True, "acks_late": True, "Request": "worker.requests:JobRequest"}
+    # shared=False: the tasks belong to this app only (another app in the process gets its own)
+    job_task = {"bind": True, "acks_late": True, "Request": "worker.requests:JobRequest", "shared": False}
 
     @app.task(name=TASK_NAMES["train"], **job_task)
     def train(self, job_id: str) -> str:
