@@ -133,4 +133,5 @@ def test_train_register_serve_swap_and_batch_predict(http, tmp_path):
 
     resolved = kiln.resolve_model("digits@production")
     expected = evaluate_checkpoint(resolved["path"], str(folder))
-    assert summary["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-9)
+    # the job's batches (16) and ml.evaluate's differ: a near-tie may flip, so within one image
+    assert summary["accuracy"] == pytest.approx(expected["accuracy"], abs=1.0 / len(lines) + 1e-9)
