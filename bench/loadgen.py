@@ -60,7 +60,7 @@ def _parse_head(buf: bytearray) -> tuple[int, int, bool] | None:
 
 def run(port: int, requests: Sequence[bytes], clients: int, duration: float,
         host: str = "127.0.0.1", timeout: float = 60.0) -> dict:
-    """Drive ``clients`` closed-loop clients for ``duration`` s; req/s, p50/p99 (ms) and errors."""
+    """Drive ``clients`` closed-loop clients for ``duration`` s; req/s, p50/p99 (ms), errors, n and the latencies."""
     sel = selectors.DefaultSelector()
     latencies: list[float] = []
     errors = 0
@@ -142,6 +142,13 @@ def run(port: int, requests: Sequence[bytes], clients: int, duration: float,
     for c in pool:
         drop(c)
     sel.close()
+    out = summary(latencies, elapsed, errors)
+    out["latencies"] = latencies
+    return out
+
+
+def summary(latencies: Sequence[float], elapsed: float, errors: int) -> dict:
+    """req/s, p50 and p99 (ms), errors and n for latencies (seconds) gathered over ``elapsed`` seconds."""
     lat = sorted(latencies)
     if not lat:
         return {"rps": 0.0, "p50": float("nan"), "p99": float("nan"), "errors": errors, "n": 0}

@@ -1,7 +1,7 @@
 """Serving benchmark: Kiln's /predict against TorchServe 0.12 (and a textbook Flask baseline), one load generator.
 
 Same untrained resnet18 and 32x32 PNGs everywhere; docs/serving.md says what each server runs and how to read it.
-    python bench/serve.py [--duration 4] [--clients 1,8,32] [--servers kiln,torchserve[,baseline]]
+    python bench/serve.py [--duration 6] [--rounds 3] [--clients 1,8,32] [--servers kiln,torchserve[,baseline]]
 """
 from __future__ import annotations
 
@@ -160,13 +160,24 @@ def _tree_cpu(root: int) -> float:
 
 
 def load(server: Server, bodies: list[bytes], clients: int, duration: float) -> dict:
-    """``clients`` closed-loop clients for ``duration`` s, plus the CPU each side spent per request."""
-    server_cpu, own = _tree_cpu(server.proc.pid), os.times()
+    """``clients`` closed-loop clients for ``duration`` s: loadgen's figures plus the elapsed time and the
+    CPU seconds each side spent."""
+    server_cpu, own, t0 = _tree_cpu(server.proc.pid), os.times(), time.perf_counter()
     out = loadgen.run(server.port, loadgen.encode_requests(server.path, bodies), clients, duration)
-    done = max(1, out["n"])
     now = os.times()
-    out["server_cpu_ms"] = 1000 * (_tree_cpu(server.proc.pid) - server_cpu) / done
-    out["client_cpu_ms"] = 1000 * ((now.user + now.system) - (own.user + own.system)) / done
+    out["elapsed"] = time.perf_counter() - t0
+    out["server_cpu"] = _tree_cpu(server.proc.pid) - server_cpu
+    out["client_cpu"] = (now.user + now.system) - (own.user + own.system)
+    return out
+
+
+def combine(slices: list[dict]) -> dict:
+    """One cell from its slices: every latency pooled, CPU per request over all of them."""
+    out = loadgen.summary([x for s in slices for x in s["latencies"]], sum(s["elapsed"] for s in slices),
+                          sum(s["errors"] for s in slices))
+    done = max(1, out["n"])
+    out["server_cpu_ms"] = 1000 * sum(s["server_cpu"] for s in slices) / done
+    out["client_cpu_ms"] = 1000 * sum(s["client_cpu"] for s in slices) / done
     return out
 
 
@@ -226,7 +237,8 @@ def machine() -> str:
 
 
 def report(results: dict[str, dict[int, dict]], levels: list[int], skipped: list[str], args, header: str) -> None:
-    print(f"\n{header}; {args.duration:g} s per cell; servers and load generator share the machine")
+    print(f"\n{header}; {args.duration:g} s per cell in {args.rounds} slices taken in turn; servers and load "
+          "generator share the machine")
     for why in skipped:
         print(f"skipped: {why}")
     print(f"{'server':58s} {'clients':>7s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>6s} "
@@ -263,7 +275,9 @@ def report(results: dict[str, dict[int, dict]], levels: list[int], skipped: list
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--duration", type=float, default=4.0, help="seconds per (server, clients) cell")
+    ap.add_argument("--duration", type=float, default=6.0, help="seconds per (server, clients) cell")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="slices per cell; servers alternate slice by slice, so load from elsewhere hits all alike")
     ap.add_argument("--clients", default="1,8,32")
     ap.add_argument("--servers", default="kiln,torchserve", help="any of kiln, torchserve, baseline (kiln always)")
     ap.add_argument("--kiln-env", action="append", default=[], metavar="KEY=VALUE",
@@ -291,10 +305,13 @@ def main() -> int:
             servers.append(baseline_server(tmp, ckpt, base_env))
         for srv in servers:
             srv.wait_ready(bodies[0])
-        results = {srv.label: {} for srv in servers}
-        for c in levels:  # cell by cell, the servers in turn
+        for c in levels:  # each cell in slices, the servers taking turns slice by slice
+            slices: dict[str, list[dict]] = {srv.label: [] for srv in servers}
+            for _ in range(args.rounds):
+                for srv in servers:
+                    slices[srv.label].append(load(srv, bodies, c, args.duration / args.rounds))
             for srv in servers:
-                results[srv.label][c] = load(srv, bodies, c, args.duration)
+                results.setdefault(srv.label, {})[c] = combine(slices[srv.label])
                 print(f"  {srv.label[:40]:40s} {c:3d} clients: {results[srv.label][c]['rps']:7.1f} req/s", flush=True)
     finally:
         for srv in servers:
