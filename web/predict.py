@@ -168,7 +168,7 @@ def _prepare(served, inputs: list) -> np.ndarray:
             raise InvalidInput(str(exc), code=exc.code) from None
         except ValueError as exc:
             raise InvalidInput(str(exc), code="bad_input") from None
-    return np.stack(arrays)
+    return arrays[0][None] if len(arrays) == 1 else np.stack(arrays)  # one input: a view, no copy
 
 
 # ------------------------------------------------------------------- route
