@@ -133,9 +133,9 @@ class ForwardClient:
         return [(name, version) for name, version in self.call("models")]
 
     def silent_s(self) -> float | None:
-        """Seconds since the forward process last sent anything; None while not connected."""
-        with self._lock:
-            return None if self._sock is None else time.monotonic() - self._heard
+        """Seconds since the forward process last sent anything; None while not connected. Takes no lock
+        (a request thread may hold it for seconds while a new forward process starts)."""
+        return None if self._sock is None else time.monotonic() - self._heard
 
     def close(self) -> None:
         with self._lock:
