@@ -11,6 +11,7 @@ from flask import Blueprint, current_app, jsonify, request
 from web.context import kiln, settings
 from web.errors import error_response
 from web.schemas import doc
+from web.serving.web_app import readiness as serving_readiness
 from worker.errors import RETRY_AFTER_S
 from worker.tokens import allows
 
@@ -32,6 +33,7 @@ def ready():
     retry = {"Retry-After": str(RETRY_AFTER_S)}
     try:
         checks = kiln().health()
+        checks.update(serving_readiness())  # one check per model version this web process serves
     except Exception as exc:  # a readiness probe answers 503, never 500
         current_app.logger.warning("readiness check raised: %s", exc)
         return error_response(503, "not_ready", "health check failed; the server log has the details", None, retry)

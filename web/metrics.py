@@ -40,6 +40,15 @@ PREDICT_WAIT = Histogram("kiln_predict_queue_wait_seconds", "Time a /predict inp
                          buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 5))
 
 
+PREDICT_INPUTS = Counter("kiln_predict_inputs_total", "Inputs /predict classified, by model version and runtime.",
+                         ["model", "version", "runtime"])
+
+
+def observe_inputs(model: str, version: int, runtime: str, n: int) -> None:
+    """Record ``n`` inputs classified by one model version on its serving runtime."""
+    PREDICT_INPUTS.labels(model, str(version), runtime).inc(n)
+
+
 def observe_batch(size: int, wait_s: float) -> None:
     """Record one /predict forward pass: inputs in the batch and the oldest input's queue wait."""
     PREDICT_BATCH.observe(size)

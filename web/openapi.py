@@ -39,11 +39,12 @@ EXTRA = {
                     {"type": "object", "required": ["b64"], "properties": {"b64": {"type": "string"}}},
                     {"type": "array", "description": "pixels 0..255 as [H][W] or [H][W][C]"}]}}}}},
         "query": schemas.PREDICT_QUERY,
-        "responses": {200: "model name and version, one prediction per input",
+        "responses": {200: "model name, version and runtime, one prediction per input",
                       400: "no model given, no image part, or a malformed body", 404: "no such model",
                       413: "over the body limit or the request's pixel budget", 415: "unsupported content type",
                       422: "an input that is not an image Kiln reads, or too many inputs",
-                      503: "the forward process is busy, restarting or too slow (Retry-After)"}},
+                      503: "the model's queue is full (queue_full, Retry-After: 1), or the forward process is "
+                           "busy, restarting or too slow (Retry-After)"}},
     "models_api.register": {"links": {201: {
         "GetModel": ("models_api.get_model", {"name": "$response.body#/name"}),
         "SetAlias": ("models_api.set_alias", {"name": "$response.body#/name"})}}},

@@ -21,7 +21,7 @@ from PIL import Image
 from configs.names import MODEL_REF_RE
 from ml import images
 from web import context
-from web.metrics import observe_batch, observe_queue_wait
+from web.metrics import observe_batch, observe_inputs, observe_queue_wait
 from web.serving.web_app import serving
 from web.serving.web_client import ForwardError
 from worker.errors import BadRequest, InvalidInput, PayloadTooLarge, Unavailable, UnsupportedMediaType
@@ -213,6 +213,7 @@ def _run(ref: str, inputs: list):
     except FutureTimeout:
         future.cancel()
         raise Unavailable(f"prediction did not finish within {PREDICT_TIMEOUT_S:g} s; retry") from None
+    observe_inputs(served.name, served.version, served.model.runtime, len(arrays))
     if out["first"]:  # one observation per forward pass, whichever web process sent its first input
         observe_batch(out["batch"], out["wait_s"])
     else:

@@ -207,6 +207,9 @@ def test_predict_records_batch_size_and_queue_wait(client, digit_pngs):
     after = (count("kiln_predict_batch_size_count"), count("kiln_predict_batch_size_sum"),
              count("kiln_predict_queue_wait_seconds_count"))
     assert after[0] > before[0] and after[1] - before[1] == 3 and after[2] > before[2]
+    model = resp.get_json()["model"]  # and the inputs, by the version and runtime that classified them
+    labels = {"model": "digits", "version": str(model["version"]), "runtime": model["runtime"]}
+    assert REGISTRY.get_sample_value("kiln_predict_inputs_total", labels) >= 3
 
 
 def test_a_dead_forward_process_costs_one_request_at_most(serve_settings, registered, digit_pngs, tmp_path):
