@@ -20,9 +20,6 @@ import argparse
 import collections
 import io
 import os
-import re
-import signal
-import subprocess
 import shutil
 import sys
 import tempfile
@@ -32,88 +29,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import requests  # noqa: E402
-
-from worker.live import ROOT, free_port  # noqa: E402
+from configs.names import TERMINAL_STATES as TERMINAL  # noqa: E402
+from worker.live import MakeRun  # noqa: E402
 
 JOB = {"data": {"image_size": 16, "subset": 300}, "training": {"epochs": 2, "batch_size": 32}}
-TERMINAL = ("succeeded", "failed", "cancelled")
-
-
-class MakeRun:
-    """`make run` (python -m worker.embedded) on its own KILN_HOME and port, with its admin token."""
-
-    def __init__(self, home: Path):
-        self.home, self.port = home, free_port()
-        self.log_path = home.parent / "make-run.log"
-        self.http = requests.Session()
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 240) -> "MakeRun":
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith("KILN_") and k not in ("REDIS_URL", "DATABASE_URL", "STORAGE_URL", "PORT")}
-        env.update(KILN_HOME=str(self.home), PORT=str(self.port), PYTHONPATH=str(ROOT))
-        self.proc = subprocess.Popen([sys.executable, "-m", "worker.embedded"], cwd=ROOT, env=env,
-                                     stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            text = self.log_path.read_text(errors="replace")
-            token = re.search(r"admin token: (\S+)", text)
-            if "Kiln is up" in text and token and "worker ready" in text:
-                self.http.headers["Authorization"] = f"Bearer {token.group(1)}"
-                return self
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"make run exited:\n{text[-3000:]}")
-            time.sleep(0.3)
-        raise TimeoutError(f"make run did not come up in {timeout:g} s")
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def tree(self) -> set[int]:
-        """Every process below make run's, read from /proc."""
-        children: dict[int, list[int]] = {}
-        for entry in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-        out, todo = set(), [self.proc.pid]
-        while todo:
-            for child in children.get(todo.pop(), []):
-                if child not in out:
-                    out.add(child)
-                    todo.append(child)
-        return out
-
-    def submit(self, config: dict) -> dict:
-        r = self.http.post(self.url("/v1/jobs"), json={"kind": "train", "config": config}, timeout=30)
-        assert r.status_code == 202, r.text
-        return r.json()
-
-    def job(self, job_id: str) -> dict:
-        return self.http.get(self.url(f"/v1/jobs/{job_id}"), timeout=30).json()
-
-    def wait(self, job_id: str, timeout: float = 300) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            job = self.job(job_id)
-            if job["status"] in TERMINAL:
-                return job
-            time.sleep(0.25)
-        raise TimeoutError(f"job {job_id} still {job['status']}")
-
-    def stop(self) -> None:
-        """Ctrl-C's way out, then SIGKILL if it hangs."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 def digit_png() -> bytes:

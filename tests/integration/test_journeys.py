@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.makerun import MakeRun
+from worker.live import MakeRun
 
 pytestmark = pytest.mark.integration
 KILN_CLI = str(Path(sys.executable).parent / "kiln")

@@ -9,7 +9,7 @@ import time
 import pytest
 import requests
 
-from tests.integration.makerun import MakeRun
+from worker.live import MakeRun
 from worker.procs import alive
 
 pytestmark = pytest.mark.integration
