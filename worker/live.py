@@ -66,10 +66,12 @@ class LiveService:
         env["PYTHONPATH"] = str(ROOT)
         return env
 
-    def start(self) -> "LiveService":
+    def start(self, worker: bool = True) -> "LiveService":
+        """Redis, the migrated store and the web tier; and the Celery worker unless ``worker`` is False."""
         self.redis.start()
         migrate(self.settings)
-        self.start_worker()
+        if worker:
+            self.start_worker()
         self.start_web()
         return self
 

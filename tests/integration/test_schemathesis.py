@@ -15,13 +15,11 @@ import dataclasses
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import requests
 import schemathesis
 
-from worker.db import migrate
 from worker.live import ROOT, LiveService
 from worker.tokens import TokenStore
 
@@ -82,18 +80,7 @@ def fuzz_target(tmp_path_factory):
     service = LiveService(home)
     service.settings = dataclasses.replace(service.settings, auth_enabled=True)
     try:
-        service.redis.start()
-        migrate(service.settings)
-        try:
-            service.start_web()
-        except requests.Timeout:  # a slow first answer on a busy machine: keep asking
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                try:
-                    if requests.get(service.url("/health"), timeout=5).ok:
-                        break
-                except requests.RequestException:
-                    time.sleep(0.5)
+        service.start(worker=False)
         token = TokenStore.from_settings(service.settings).create("fuzzer", ["admin"])[0]
         yield service, token
     finally:

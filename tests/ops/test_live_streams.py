@@ -10,7 +10,6 @@ import pytest
 import requests
 
 from configs import Settings
-from worker.db import migrate
 from worker.live import TINY, LiveService
 
 pytestmark = pytest.mark.integration
@@ -21,24 +20,9 @@ PROCESSES = 2  # LiveService runs gunicorn with --workers 2 --threads 4
 def web_tier(tmp_path_factory):
     service = LiveService(tmp_path_factory.mktemp("streams") / "var")
     try:
-        service.redis.start()
-        migrate(service.settings)
-        try:
-            service.start_web()
-        except requests.Timeout:  # a slow first answer on a busy machine: keep asking
-            deadline = time.monotonic() + 60
-            while not _healthy(service) and time.monotonic() < deadline:
-                time.sleep(0.5)
-        yield service
+        yield service.start(worker=False)
     finally:
         service.stop()
-
-
-def _healthy(service) -> bool:
-    try:
-        return requests.get(service.url("/health"), timeout=5).ok
-    except requests.RequestException:
-        return False
 
 
 def open_follow(service, job_id: str) -> tuple[socket.socket, int, bytes]:
