@@ -2,14 +2,10 @@
 run from local scratch synced to the bucket, and the scratch is gone once each job has ended."""
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
-
 import pytest
-import requests
 
-from tests.integration.conftest import TINY, LiveService, free_port
+from tests.integration.conftest import TINY, LiveService
+from worker.topology import S3Server
 
 pytestmark = pytest.mark.integration
 BUCKET = "kiln-test"
@@ -17,23 +13,12 @@ BUCKET = "kiln-test"
 
 @pytest.fixture(scope="module")
 def s3_endpoint(tmp_path_factory):
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            requests.get(url, timeout=1)
-            break
-        except requests.ConnectionError:
-            time.sleep(0.2)
+    """moto's S3 server (worker.topology.S3Server), with the test bucket."""
+    server = S3Server(tmp_path_factory.mktemp("moto") / "moto.log").start(BUCKET)
     try:
-        yield url
+        yield server.url
     finally:
-        proc.terminate()
-        proc.wait(10)
+        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +27,6 @@ def s3_service(s3_endpoint, tmp_path_factory):
     for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": s3_endpoint}.items():
         mp.setenv(key, value)
-    import boto3
-
-    boto3.client("s3").create_bucket(Bucket=BUCKET)
     service = LiveService(tmp_path_factory.mktemp("s3live") / "var", storage_url=f"s3://{BUCKET}/kiln")
     try:
         yield service.start()
