@@ -24,10 +24,11 @@ from pathlib import Path
 import fsspec
 
 from ml.files import TEMP_PREFIX, atomic_write
-from worker.errors import InvalidInput
+from worker.errors import InvalidInput, Unavailable
 
 CHUNK = 1 << 20
 INDEX = ".sha256.json"  # per prefix: {name: {"sha256", "size", "version"}}
+LIST_ATTEMPTS = 5  # a listing raced by writers from other hosts is taken again this often
 
 
 def clean_path(path: str) -> str:
@@ -198,6 +199,18 @@ class Storage:
         sha256 comes from the prefix's record when it matches the object; only unrecorded or
         changed objects are read and hashed.
         """
+        for attempt in range(LIST_ATTEMPTS):
+            try:
+                return self._list_once(prefix, checksums)
+            except OSError:
+                # Another host replaced or removed an object between the listing and its read
+                # (s3fs raises FileExpired, local disk FileNotFoundError): list again.
+                if attempt == LIST_ATTEMPTS - 1:
+                    raise Unavailable(f"the files under {prefix} kept changing while they were listed; "
+                                      "try again") from None
+        return []
+
+    def _list_once(self, prefix: str, checksums: bool) -> list[dict]:
         base = self._full(prefix)
         found = self.fs.find(base, detail=True)
         if not found:

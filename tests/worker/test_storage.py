@@ -156,3 +156,35 @@ def test_background_rounds_do_not_hold_up_the_caller_and_close_waits(storage, tm
     assert storage.read_bytes("jobs/c/last.pt") == b"epoch 2!"
     assert storage.list("jobs/c") == [{"name": "last.pt", "size": 8,
                                        "sha256": hashlib.sha256(b"epoch 2!").hexdigest()}]
+
+
+def test_a_listing_raced_by_another_writer_is_taken_again(storage, monkeypatch):
+    """Another host rewrites an object between the listing and the read of its body (s3fs then
+    raises FileExpired, an OSError): the listing is taken again and names the new body."""
+    storage.write_bytes("jobs/a/train.log", b"old\n")
+    real_open, raced = storage.fs.open, []
+
+    def open_racing(path, mode="rb", **kw):
+        if not raced:
+            raced.append(path)
+            storage.write_bytes("jobs/a/train.log", b"newer body\n")
+            raise OSError(f"remote file {path} changed while it was read")
+        return real_open(path, mode, **kw)
+
+    monkeypatch.setattr(storage.fs, "open", open_racing)
+    items = storage.list("jobs/a")
+    assert raced and items == [{"name": "train.log", "size": 11,
+                                "sha256": hashlib.sha256(b"newer body\n").hexdigest()}]
+
+
+def test_a_listing_that_never_settles_is_a_503_not_a_500(storage, monkeypatch):
+    from worker.errors import Unavailable
+
+    storage.write_bytes("jobs/a/train.log", b"x")
+
+    def always_changed(path, mode="rb", **kw):
+        raise OSError("changed again")
+
+    monkeypatch.setattr(storage.fs, "open", always_changed)
+    with pytest.raises(Unavailable, match="kept changing"):
+        storage.list("jobs/a")
