@@ -38,8 +38,13 @@ jobs = sa.Table(
     sa.Column("started_at", TS),
     sa.Column("finished_at", TS),
     sa.Column("updated_at", TS, nullable=False),
+    sa.Column("priority", sa.Integer, nullable=False, default=0, server_default="0"),  # higher runs first
+    sa.Column("parent", sa.String(32)),  # the sweep a trial belongs to
+    sa.Column("pending_reason", sa.Text),  # why a queued job is not running yet, when a worker knows
     sa.Index("ix_jobs_status_created", "status", "created_at"),
     sa.Index("ix_jobs_created", "created_at"),
+    sa.Index("ix_jobs_parent", "parent"),
+    sa.Index("ix_jobs_status_priority_created", "status", "priority", "created_at"),
 )
 
 job_events = sa.Table(
@@ -73,7 +78,31 @@ model_versions = sa.Table(
     sa.Column("card", sa.JSON, nullable=False),
     sa.Column("sha256", sa.String(64), nullable=False),
     sa.Column("created_at", TS, nullable=False),
+    sa.Column("gate", sa.JSON),  # the register gate (and the metrics it saw) that promoted this version
     sa.UniqueConstraint("name", "version", name="uq_model_versions_name_version"),
+)
+
+workers = sa.Table(  # what each worker advertises; refreshed by its heartbeat
+    "workers", metadata,
+    sa.Column("name", sa.String(255), primary_key=True),
+    sa.Column("hostname", sa.String(255)),
+    sa.Column("gpus", sa.Integer, nullable=False, default=0, server_default="0"),
+    sa.Column("free_gpus", sa.Integer, nullable=False, default=0, server_default="0"),
+    sa.Column("slots", sa.Integer, nullable=False, default=1, server_default="1"),
+    sa.Column("info", sa.JSON),
+    sa.Column("started_at", TS, nullable=False),
+    sa.Column("heartbeat_at", TS, nullable=False),
+)
+
+idempotency_keys = sa.Table(  # Idempotency-Key replays, per caller and endpoint
+    "idempotency_keys", metadata,
+    sa.Column("principal", sa.String(64), primary_key=True),
+    sa.Column("endpoint", sa.String(64), primary_key=True),
+    sa.Column("key", sa.String(255), primary_key=True),
+    sa.Column("body_sha256", sa.String(64), nullable=False),
+    sa.Column("status_code", sa.Integer),
+    sa.Column("response", sa.JSON),
+    sa.Column("created_at", TS, nullable=False),
 )
 
 model_aliases = sa.Table(

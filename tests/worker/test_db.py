@@ -9,8 +9,9 @@ from worker import db
 def test_migrate_creates_all_tables_and_is_idempotent(db_settings):
     db.migrate(db_settings)
     names = set(sa.inspect(db.make_engine(db_settings)).get_table_names())
-    assert {"jobs", "job_events", "datasets", "model_versions", "model_aliases", "tokens"} <= names
-    assert db.current_revision(db_settings) == "0002"
+    assert {"jobs", "job_events", "datasets", "model_versions", "model_aliases", "tokens", "workers",
+            "idempotency_keys"} <= names
+    assert db.current_revision(db_settings) == "0003"
 
 
 def test_migration_matches_the_table_definitions(db_settings):
@@ -44,5 +45,5 @@ def test_cli_upgrade(settings, monkeypatch, capsys):
     for key, value in settings.env().items():
         monkeypatch.setenv(key, value)
     assert db.main(["upgrade"]) == 0
-    assert "0002" in capsys.readouterr().out
+    assert "0003" in capsys.readouterr().out
     assert db.main(["bogus"]) == 2
