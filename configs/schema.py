@@ -74,6 +74,19 @@ class DataConfig:
     fake_classes: integer(2, 1000) = f(10, "number of classes of the fake dataset")
 
 
+@dataclass(frozen=True, config=_config())
+class ProfileConfig:
+    """torch.profiler over a few training steps: profile/trace.json and the top operators in train.log."""
+    steps: integer(1, 100) = f(5, "optimizer steps recorded, after 2 warm-up steps")
+
+
+@dataclass(frozen=True, config=_config())
+class GradAlertConfig:
+    """Per-layer gradient norm thresholds: a warning naming the layer, and grad_alerts per epoch."""
+    max_norm: Optional[number(ge=1.0, le=1e12)] = f(100.0, "warn when a layer's gradient norm exceeds this")
+    min_norm: Optional[number(ge=0.0, lt=1.0)] = f(1e-7, "warn when a layer's gradient norm falls under this")
+
+
 @dataclass(frozen=True, config=_config(ONECYCLE_RULE))
 class TrainingConfig:
     """Optimisation: epochs, batches, optimizer and schedule, precision, checkpoints, devices."""
@@ -102,6 +115,9 @@ class TrainingConfig:
     debug: Bool = f(False, "log per-layer activation ranges and check every step for NaN/Inf")
     device: Device = f("auto", "auto, cpu, mps, cuda or cuda:N (N <= 63)")
     processes: Union[integer(1, 64), Auto] = f(1, "ranks on one host, one per GPU; auto = one per visible GPU")
+    profile: Optional[ProfileConfig] = f(None, "record a torch.profiler trace of a few steps; null: off")
+    grad_alert: Optional[GradAlertConfig] = Field(default_factory=GradAlertConfig,
+                                                  description="gradient norm alerts per layer; null: off")
 
 
 @dataclass(frozen=True, config=_config())
