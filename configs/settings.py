@@ -81,6 +81,13 @@ class Settings:
     # home/forward/forward.sock (folder 0700); a set path's folder must be 0700 and Kiln's user's;
     # "private" = one forward process per web process
     forward_socket: str = ""
+    # inputs of one model that may wait for a forward pass; beyond, /predict answers 503 + Retry-After at once
+    predict_queue_max: int = 256
+    # a forward process silent this long while a heartbeat waits is hung: killed and replaced
+    forward_hang_s: float = 5.0
+    # runtimes measured against eager when a version is registered (comma-separated: onnxruntime,
+    # compile, bf16; empty = eager only); the fastest that agrees with eager serves
+    serving_runtimes: str = "onnxruntime"
 
     # auth
     auth_enabled: bool = True

@@ -71,6 +71,18 @@ def _shown(value) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def serving_runtimes(settings) -> list[str]:
+    """settings.serving_runtimes as a list, each name checked (InvalidInput names an unknown one)."""
+    from ml.runtimes import CANDIDATES
+
+    names = [n.strip() for n in settings.serving_runtimes.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CANDIDATES]
+    if unknown:
+        raise InvalidInput(f"KILN_SERVING_RUNTIMES names unknown runtime(s) {', '.join(unknown)} "
+                           f"(known: {', '.join(CANDIDATES)})")
+    return names
+
+
 def write_artifacts(src: str | Path, out_dir: str | Path, *, name: str, job_id: str | None,
                     checkpoint: str, runtimes: list[str] | None = None) -> dict:
     """A training checkpoint file -> model.pt, model.safetensors (and model.onnx) in ``out_dir``; the card (no version).
@@ -121,8 +133,10 @@ def _build_runtime(slim: dict, out: Path, sha256: str, candidates) -> dict:
 class Registry:
     """Registry operations over the job store's tables and the artifact Storage."""
 
-    def __init__(self, engine: sa.Engine, storage, *, cache_dir: str | Path, max_retries: int = 20):
+    def __init__(self, engine: sa.Engine, storage, *, cache_dir: str | Path, max_retries: int = 20,
+                 runtimes: list[str] | None = None):
         self.engine, self.storage = engine, storage
+        self.runtimes = runtimes  # candidates measured at registration; None = ml.runtimes' default
         self.cache_dir = Path(cache_dir)
         self.versions, self.aliases, self.jobs = db.model_versions, db.model_aliases, db.jobs
         self.max_retries = max_retries
@@ -131,7 +145,8 @@ class Registry:
     def from_settings(cls, settings, *, engine: sa.Engine | None = None, storage=None) -> "Registry":
         """A Registry on the settings' job store and artifact storage (pass the facade's if it has them)."""
         return cls(engine if engine is not None else db.make_engine(settings),
-                   storage if storage is not None else Storage(settings.storage), cache_dir=settings.cache_path)
+                   storage if storage is not None else Storage(settings.storage), cache_dir=settings.cache_path,
+                   runtimes=serving_runtimes(settings))
 
     # ------------------------------------------------------------- register
     def register_model(self, name: str, job_id: str, checkpoint: str = "best", *, build=write_artifacts) -> dict:
@@ -169,7 +184,7 @@ class Registry:
         _check_name(name, "name")
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=self.cache_dir, prefix="register-") as out:
-            card = build(str(path), out, name=name, job_id=job_id, checkpoint=checkpoint)
+            card = build(str(path), out, name=name, job_id=job_id, checkpoint=checkpoint, runtimes=self.runtimes)
             return self._insert_version(name, job_id, checkpoint, Path(out), card)
 
     def _insert_version(self, name, job_id, checkpoint, built: Path, card) -> dict:

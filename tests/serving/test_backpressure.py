@@ -36,7 +36,7 @@ def app_with(settings, **serving_kw):
 def test_a_full_model_queue_is_503_with_retry_after_at_once(own_forward, registered, digit_pngs):
     from web.serving.web_app import readiness
 
-    app = app_with(own_forward, max_queue=1)
+    app = app_with(dataclasses.replace(own_forward, predict_queue_max=1))  # KILN_PREDICT_QUEUE_MAX=1
     serving = app.extensions["kiln.serving"]
     client = app.test_client()
     try:

@@ -94,3 +94,19 @@ def test_bad_names_and_missing_things(registered):
         registered.get_model("nope")
     with pytest.raises(NotFound, match="job"):
         registered.register_model("digits", "0" * 32)
+
+
+def test_serving_runtimes_setting_picks_the_candidates(registry, serve_settings, trained):
+    """KILN_SERVING_RUNTIMES="" measures nothing against eager: the card says eager serves;
+    an unknown name is refused naming it."""
+    import dataclasses
+
+    from worker.errors import InvalidInput
+    from worker.registry import Registry
+
+    eager_only = Registry.from_settings(dataclasses.replace(serve_settings, serving_runtimes=""))
+    eager_only.register_checkpoint("plain", trained)
+    card = json.loads((Path(serve_settings.storage) / "models" / "plain" / "1" / "card.json").read_text())
+    assert card["runtime"]["name"] == "eager" and not card["runtime"].get("file"), card["runtime"]
+    with pytest.raises(InvalidInput, match="tensorrt"):
+        Registry.from_settings(dataclasses.replace(serve_settings, serving_runtimes="onnxruntime, tensorrt"))

@@ -11,15 +11,12 @@ import threading
 from flask import current_app
 
 from web import context
-from web.serving.web_client import HANG_S, HEARTBEAT_S, ForwardClient, ForwardError
+from web.serving.web_client import HEARTBEAT_S, ForwardClient, ForwardError
 from web.serving.web_models import ModelCache
 from web.serving.web_place import SocketPlace
 from worker.errors import InvalidInput
 
 EXTENSION = "kiln.serving"
-# Inputs of one model that may wait for a forward pass in the host's forward process; beyond, /predict
-# answers 503 with Retry-After at once. Eight full batches: at 1-2 ms per input, under 0.5 s of work.
-MAX_QUEUE = 256
 _lock = threading.Lock()
 
 
@@ -44,11 +41,13 @@ def forward_workers(settings) -> int:
 class Serving:
     """The forward connection of this web process and the model versions it serves through it."""
 
-    def __init__(self, settings, resolve, *, max_queue: int = MAX_QUEUE):
+    def __init__(self, settings, resolve, *, max_queue: int | None = None):
+        """``max_queue``: inputs of one model that may wait (settings.predict_queue_max when None)."""
         loaded = max_loaded_models(settings)
         self.forward = ForwardClient(workers=forward_workers(settings), max_batch_size=settings.max_batch_size,
-                                     max_delay_ms=settings.max_delay_ms, max_models=loaded, max_queue=max_queue,
-                                     address=SocketPlace.from_settings(settings))
+                                     max_delay_ms=settings.max_delay_ms, max_models=loaded,
+                                     max_queue=settings.predict_queue_max if max_queue is None else max_queue,
+                                     address=SocketPlace.from_settings(settings), hang_s=settings.forward_hang_s)
         self.models = ModelCache(resolve, self.forward, refresh_s=settings.model_refresh_s, max_loaded=loaded)
 
     def build_artifacts(self, src, out_dir, **meta) -> dict:
@@ -80,7 +79,7 @@ class Serving:
         for s in served:
             check = {"ok": True, "runtime": s.model.runtime, "queued": queued.get((s.name, s.version), 0),
                      "max_queue": limit}
-            if silent is not None and silent > HANG_S + 2 * HEARTBEAT_S:
+            if silent is not None and silent > self.forward.hang_s + 2 * HEARTBEAT_S:
                 check.update(ok=False, error="ForwardUnresponsive: no heartbeat answer from the forward process")
             elif check["queued"] >= limit:
                 check.update(ok=False, error=f"QueueFull: {check['queued']} inputs wait (at most {limit})")
