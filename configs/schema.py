@@ -7,10 +7,10 @@ raises nothing but ConfigError for any JSON- or YAML-like input, however odd.
 import dataclasses
 import functools
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 
 from configs.errors import ConfigError, FieldError, field_errors, short
@@ -18,7 +18,7 @@ from configs.fields import (
     BUILTIN_DATASETS, CUSTOM_MODELS, MODEL_NAMES, TORCHVISION_MODELS, Auto, Bool, Dataset, Device, LocalPath,
     ModelName, ModelRef, f, integer, number, one_of,
 )
-from configs.names import JOB_KINDS, MODEL_REF_RE
+from configs.names import JOB_KINDS, MODEL_REF_RE, NAME_RE
 from configs.overrides import apply_overrides, read_mapping
 
 __all__ = [
@@ -45,6 +45,16 @@ def _root_rule(default_dataset: str) -> dict:
 
 ONECYCLE_RULE = {"if": {"required": ["scheduler"], "properties": {"scheduler": {"const": "onecycle"}}},
                  "then": {"properties": {"warmup_epochs": {"const": 0}}}}
+BATCH_SIZE_DEFAULT = 128
+
+
+def _batch_rule(n: int) -> dict:
+    """JSON Schema of the check in ``_cross_checks``: with processes: n, batch_size is a multiple of n
+    (and must be given when the default is not)."""
+    then: dict = {"properties": {"batch_size": {"multipleOf": n}}}
+    if BATCH_SIZE_DEFAULT % n:
+        then["required"] = ["batch_size"]
+    return {"if": {"required": ["processes"], "properties": {"processes": {"const": n}}}, "then": then}
 
 
 @dataclass(frozen=True, config=_config())
@@ -87,11 +97,12 @@ class GradAlertConfig:
     min_norm: Optional[number(ge=0.0, lt=1.0)] = f(1e-7, "warn when a layer's gradient norm falls under this")
 
 
-@dataclass(frozen=True, config=_config(ONECYCLE_RULE))
+@dataclass(frozen=True, config=_config(ONECYCLE_RULE, *(_batch_rule(n) for n in range(2, 65))))
 class TrainingConfig:
     """Optimisation: epochs, batches, optimizer and schedule, precision, checkpoints, devices."""
     epochs: integer(1, 10_000) = f(10, "number of passes over the training split")
-    batch_size: integer(1, 65_536) = f(128, "samples per optimizer micro-batch")
+    batch_size: integer(1, 65_536) = f(BATCH_SIZE_DEFAULT, "samples per optimizer micro-batch (the global batch: "
+                                                            "a multiple of processes, each rank takes its share)")
     optimizer: Literal["sgd", "adam", "adamw"] = f("adamw", "sgd, adam or adamw")
     lr: number(gt=0.0, le=10.0) = f(1e-3, "peak learning rate")
     momentum: number(ge=0.0, lt=1.0) = f(0.9, "momentum (sgd)")
@@ -111,6 +122,8 @@ class TrainingConfig:
     deterministic: Bool = f(False, "deterministic algorithms (slower; bit-exact resume on CPU)")
     early_stopping_patience: Optional[integer(1, 10_000)] = f(None, "stop after N epochs without improvement")
     checkpoint_every: integer(1, 10_000) = f(1, "write last.pt every N epochs")
+    keep_every: Optional[integer(1, 10_000)] = f(None, "also keep checkpoints/epoch-<N>.pt every N epochs "
+                                                       "(last.pt and best.pt are always kept)")
     log_every_steps: integer(1, 1_000_000) = f(10, "log and record step metrics every N optimizer steps")
     debug: Bool = f(False, "log per-layer activation ranges and check every step for NaN/Inf")
     device: Device = f("auto", "auto, cpu, mps, cuda or cuda:N (N <= 63)")
@@ -120,12 +133,42 @@ class TrainingConfig:
                                                   description="gradient norm alerts per layer; null: off")
 
 
+GATE_METRICS = ("val_accuracy", "val_loss")  # what a job's best metrics hold (ml.train's run.best)
+RegistryName = Annotated[str, Strict(), Field(pattern=NAME_RE, max_length=64)]
+
+
+@dataclass(frozen=True, config=_config({"minProperties": 1}))
+class GateBound:
+    """One metric's bound in a register gate: min, max or both (inclusive)."""
+    min: number(ge=-1e9, le=1e9) = f(None, "the metric must be >= min")  # absent, never null
+    max: number(ge=-1e9, le=1e9) = f(None, "the metric must be <= max")
+
+    def field_errors(self, where: str) -> list[FieldError]:
+        if self.min is None and self.max is None:
+            return [FieldError(where, "give min, max or both")]
+        if self.min is not None and self.max is not None and self.min > self.max:
+            return [FieldError(where, f"min {self.min} is above max {self.max}")]
+        return []
+
+
+@dataclass(frozen=True, config=_config())
+class RegisterConfig:
+    """Train to production: when the job succeeds and its best metrics pass ``require``, its best
+    checkpoint becomes the next version of ``name`` and ``alias`` moves to it (worker.promote)."""
+    name: RegistryName = Field(description="model name the version is registered under")
+    alias: Optional[RegistryName] = f(None, "alias moved to the new version (production, staging, ...)")
+    require: dict[Literal[GATE_METRICS], GateBound] = Field(
+        default_factory=dict, description="the gate: {metric: {min, max}} over the job's best metrics; "
+                                          "empty = always register")
+
+
 @dataclass(frozen=True, config=_config())
 class TrainConfig:
     """A training job: model, data and training sections."""
     model: ModelConfig = Field(default_factory=ModelConfig, description="model architecture")
     data: DataConfig = Field(default_factory=DataConfig, description="dataset and loading")
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="optimisation")
+    register: Optional[RegisterConfig] = f(None, "register the best checkpoint when the job passes a gate")
 
 
 @dataclass(frozen=True, config=_config(_root_rule("imagefolder")))
@@ -159,7 +202,13 @@ def _adapter(cls: type) -> TypeAdapter:
 
 def _cross_checks(cfg: Any) -> list[FieldError]:
     """Rules that span fields (published as the classes' JSON Schema ``allOf``)."""
+    own = getattr(cfg, "field_errors", None)
+    if own is not None:  # a kind with rules of its own (configs.sweep.SweepConfig)
+        return own()
     errors = []
+    if isinstance(cfg, TrainConfig) and cfg.register is not None:
+        for metric, bound in cfg.register.require.items():
+            errors.extend(bound.field_errors(f"register.require.{metric}"))
     data = cfg.data
     if data.dataset == "imagefolder" and not data.root:
         errors.append(FieldError("data.root", "is required when data.dataset is imagefolder"))
@@ -167,6 +216,11 @@ def _cross_checks(cfg: Any) -> list[FieldError]:
         errors.append(FieldError("data.root", "is only used with data.dataset: imagefolder"))
     if isinstance(cfg, TrainConfig) and cfg.training.scheduler == "onecycle" and cfg.training.warmup_epochs:
         errors.append(FieldError("training.warmup_epochs", "is not used with scheduler: onecycle"))
+    if isinstance(cfg, TrainConfig) and isinstance(cfg.training.processes, int) \
+            and cfg.training.batch_size % cfg.training.processes:
+        t = cfg.training
+        errors.append(FieldError("training.batch_size", f"{t.batch_size} is the global batch and must be a multiple "
+                                                        f"of training.processes ({t.processes})"))
     return errors
 
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from configs.schema import TrainConfig, to_dict
 from ml import runtime
-from ml.checkpoint import save_checkpoint, unwrap, versions
+from ml.checkpoint import CheckpointWriter, snapshot, unwrap, versions
 
 
 @dataclass
@@ -51,6 +51,8 @@ class Run:
     should_stop: Callable[[], bool] | None = None
     monitor: Any = None              # ml.logs.ActivationMonitor (training.debug)
     ranks: Any = None                # ml.distributed.Rank when the run has several processes
+    alerts: Any = None               # ml.logs.GradAlerts (training.grad_alert), on the writing process
+    profiler: Any = None             # ml.logs.StepProfiler (training.profile), on the writing process
     step: int = 0
     latest: dict = field(default_factory=dict)
     best: dict = field(default_factory=lambda: {"val_accuracy": None, "val_loss": None, "epoch": None})
@@ -58,6 +60,7 @@ class Run:
     resumed_from_epoch: int | None = None
     t0: float = field(default_factory=time.monotonic)
     start_step: int = 0
+    writer: CheckpointWriter | None = None      # made by the first save (rank 0 only)
 
     @property
     def total_steps(self) -> int:
@@ -109,12 +112,39 @@ RESUME_ONLY = ("optimizer", "scheduler", "scaler", "rng", "partial", "batch_in_e
 
 
 def save(run: Run, name: str, epoch_done: int, batch_in_epoch: int = 0) -> None:
-    """Write checkpoints/<name>.pt (best.pt: weights and metadata only); only the writing process does."""
-    if run.main:
-        ckpt = state(run, epoch_done, batch_in_epoch)
-        if name == "best":
-            ckpt = {k: v for k, v in ckpt.items() if k not in RESUME_ONLY}
-        save_checkpoint(run.out / "checkpoints" / f"{name}.pt", ckpt)
+    """Hand checkpoints/<name>.pt (best.pt: weights and metadata only) to the background writer; only
+    the writing process does. A last.pt at the end of an epoch divisible by ``training.keep_every``
+    is also kept as checkpoints/epoch-<N>.pt. Raises here a previous write's error."""
+    if not run.main:
+        return
+    ckpt = state(run, epoch_done, batch_in_epoch)
+    if name == "best":
+        ckpt = {k: v for k, v in ckpt.items() if k not in RESUME_ONLY}
+    ckpt = snapshot(ckpt)  # [the only cost on the training thread: a CPU copy]
+    folder = run.out / "checkpoints"
+    writes = [(folder / f"{name}.pt", ckpt)]
+    keep = run.cfg.training.keep_every
+    if name == "last" and keep and not batch_in_epoch and epoch_done % keep == 0:
+        writes.append((folder / f"epoch-{epoch_done}.pt", ckpt))
+    if run.writer is None:
+        run.writer = CheckpointWriter()
+    run.writer.submit(writes)
+
+
+def close_writer(run: Run, *, quiet: bool = False) -> None:
+    """Wait until every checkpoint handed to the writer is on disk, then stop it (idempotent).
+
+    A failed write raises here, unless ``quiet`` (the run is already failing): then it is logged.
+    """
+    writer, run.writer = run.writer, None
+    if writer is None:
+        return
+    try:
+        writer.close()
+    except Exception:
+        if not quiet:
+            raise
+        run.log.exception("writing a checkpoint failed")
 
 
 def restore(run: Run, ckpt: dict) -> tuple[int, int]:

@@ -22,13 +22,13 @@ import torch
 from torch import nn
 
 from configs.schema import TrainConfig, dump_yaml
-from ml import distributed, launch, runtime
+from ml import distributed, environment, launch, runtime
 from ml.checkpoint import load_checkpoint, unwrap
 from ml.data import EpochSampler, batches_per_epoch, build_data, make_loader, resolve_num_workers
-from ml.logs import ActivationMonitor, MetricsLog, NoMetrics, close_log, open_log
+from ml.logs import ActivationMonitor, GradAlerts, MetricsLog, NoMetrics, StepProfiler, close_log, open_log
 from ml.models import build_model
 from ml.optim import build_optimizer, build_scheduler
-from ml.run import Run, TrainResult, restore, save
+from ml.run import Run, TrainResult, close_writer, restore, save
 from ml.step import Accumulator, train_step
 
 def evaluate(model: nn.Module, loader, device: torch.device, *, channels_last: bool = False,
@@ -64,6 +64,7 @@ def train_one_epoch(run: Run, loader, epoch: int, *, start_batch: int = 0) -> bo
     n_micro = batches_per_epoch(len(run.data.train), t.batch_size)   # the same count on every rank
     loss_fn = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
     sums = run.partial or {"loss_sum": 0.0, "steps": 0, "correct": 0, "seen": 0}
+    sums.setdefault("grad_alerts", 0)
     acc, channels_last = Accumulator(), run.cfg.model.channels_last
     sync = run.ranks.sync_step if run.ranks else None
     model.train()
@@ -73,10 +74,11 @@ def train_one_epoch(run: Run, loader, epoch: int, *, start_batch: int = 0) -> bo
         n_in_group = min(accum, n_micro - group_start)    # last group of an epoch may be short
         boundary = i == group_start + n_in_group - 1
         log_now = boundary and (run.step + 1) % t.log_every_steps == 0
+        layer_norms = log_now or (boundary and run.alerts is not None)
         with distributed.no_sync(model, inner=not boundary):
             r = train_step(model, x, y, loss_fn, run.optimizer, run.scaler, acc, n_micro=n_in_group,
                            boundary=boundary, amp_dtype=run.amp_dtype, grad_clip=t.grad_clip,
-                           want_layer_norms=log_now, step=run.step, sync=sync)
+                           want_layer_norms=layer_norms, step=run.step, sync=sync)
         sums["correct"] += r.correct
         sums["seen"] += len(y)
         if not boundary:
@@ -86,6 +88,10 @@ def train_one_epoch(run: Run, loader, epoch: int, *, start_batch: int = 0) -> bo
             run.scheduler.step()
         sums["loss_sum"] += r.loss
         sums["steps"] += 1
+        if run.alerts is not None and not r.skipped:   # an fp16 overflow is the scaler's business
+            sums["grad_alerts"] += run.alerts.check(r.layer_norms, run.log, epoch, run.step)
+        if run.profiler is not None:
+            run.profiler.step()
         run.latest.update(train_loss=r.loss, lr=run.optimizer.param_groups[0]["lr"], grad_norm=r.grad_norm)
         if log_now:
             row = {"type": "step", "epoch": epoch, "step": run.step, "train_loss": r.loss,
@@ -174,7 +180,8 @@ def _train(cfg: TrainConfig, out: Path, rank, report, should_stop, resume: bool,
         metrics = MetricsLog(out, None if ckpt is None else ckpt["step"], 0 if ckpt is None else ckpt["epoch"]) \
             if main else NoMetrics()
         run = Run(cfg, model, optimizer, scheduler, scaler, device, amp_dtype, data, steps_per_epoch, log,
-                  metrics, out, report, should_stop, ActivationMonitor(model) if t.debug else None, rank)
+                  metrics, out, report, should_stop, ActivationMonitor(model) if t.debug else None, rank,
+                  *_watchers(t, out, device, log, main))
         start_epoch, start_batch = 0, 0
         if ckpt is not None:
             start_epoch, start_batch = restore(run, ckpt)
@@ -182,24 +189,53 @@ def _train(cfg: TrainConfig, out: Path, rank, report, should_stop, resume: bool,
             log.info("training %s on %s: %d train / %d val images, %d classes, %dx%d x%d channels",
                      cfg.model.name, cfg.data.dataset, len(data.train), len(data.val), len(data.classes),
                      data.image_size, data.image_size, data.in_channels)
+        if main:
+            _manifest(run, dataset_roots, ckpt)
         log.info("device %s, amp %s, %d torch threads, %d loader workers, %d steps/epoch", device,
                  amp_dtype, threads, workers, steps_per_epoch)
         if rank is not None:
             run.model = rank.wrap(model)
             log.info("%d ranks (%s): %d of each batch of %d per rank", world, rank.backend, t.batch_size // world,
                      t.batch_size)
-        return _loop(run, *_loaders(run, workers), start_epoch, start_batch)
+        result = _loop(run, *_loaders(run, workers), start_epoch, start_batch)
+        close_writer(run)  # the final (or cancel) checkpoint is on disk before the run returns
+        return result
     finally:
         if run is not None:
+            close_writer(run, quiet=True)  # a failing run still finishes the writes it handed over
             run.metrics.close()
             if run.monitor:
                 run.monitor.close()
+            if run.profiler:
+                run.profiler.close()
         torch.use_deterministic_algorithms(was_deterministic)
         close_log(handlers)
         del run
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _watchers(t, out: Path, device: torch.device, log, main: bool) -> tuple:
+    """(GradAlerts, StepProfiler) of the writing process, each None when its config is null (or,
+    for the profiler, when an earlier attempt of the run already wrote profile/trace.json)."""
+    if not main:
+        return None, None
+    alerts = None if t.grad_alert is None else GradAlerts(t.grad_alert.max_norm, t.grad_alert.min_norm)
+    profile = t.profile is not None and not (out / "profile" / "trace.json").exists()
+    return alerts, StepProfiler(t.profile.steps, out, device, log) if profile else None
+
+
+def _manifest(run: Run, dataset_roots: Mapping[str, str] | None, ckpt: dict | None) -> None:
+    """manifest.json (ml.environment); a resume appends to it and warns if the data changed."""
+    resumed = None if ckpt is None else {"epoch": ckpt["epoch"], "step": ckpt["step"]}
+    m = environment.write_manifest(run.out, run.cfg, run.data, run.device, run.world_size, dataset_roots, resumed)
+    run.log.info("manifest: dataset %s sha256 %s (%s), kiln %s, torch %s", m["dataset"]["name"],
+                 m["dataset"]["sha256"][:16], m["dataset"]["method"], m["environment"]["kiln"][:12],
+                 m["environment"]["torch"])
+    if m["resumes"] and m["resumes"][-1]["dataset_sha256"] != m["dataset"]["sha256"]:
+        run.log.warning("the dataset changed since this run started (sha256 %s, now %s): the resumed run "
+                        "trains on other data", m["dataset"]["sha256"][:16], m["resumes"][-1]["dataset_sha256"][:16])
 
 
 def _loaders(run: Run, workers: int):
@@ -231,7 +267,11 @@ def _loop(run: Run, sampler, train_loader, val_loader, start_epoch: int, start_b
         elapsed = time.monotonic() - t_epoch
         run.latest.update(train_loss=sums["loss_sum"] / max(1, sums["steps"]),
                           train_accuracy=sums["correct"] / max(1, sums["seen"]), **val)
-        row = {"type": "epoch", "epoch": epoch, "step": run.step, **run.latest, "time_s": round(elapsed, 3),
+        if run.alerts is not None:
+            run.alerts.end_epoch(run.log, epoch, sums["grad_alerts"])
+        alerts = {} if run.alerts is None else {"grad_alerts": sums["grad_alerts"]}  # per epoch
+        row = {"type": "epoch", "epoch": epoch, "step": run.step, **run.latest, **alerts,
+               "time_s": round(elapsed, 3),
                "images_per_s": round((len(run.data.train) - skip * t.batch_size) / elapsed, 1)}
         run.metrics.write(row, run.step, "epoch")
         improved = run.best["val_accuracy"] is None or val["val_accuracy"] > run.best["val_accuracy"]
@@ -244,7 +284,8 @@ def _loop(run: Run, sampler, train_loader, val_loader, start_epoch: int, start_b
             save(run, "best", epoch)
         patience = t.early_stopping_patience
         early = patience is not None and epoch - run.best["epoch"] >= patience
-        if epoch % t.checkpoint_every == 0 or epoch == t.epochs or early:
+        keep = t.keep_every is not None and epoch % t.keep_every == 0
+        if epoch % t.checkpoint_every == 0 or epoch == t.epochs or early or keep:
             save(run, "last", epoch)
         run.progress("epoch", epoch)
         if early:
