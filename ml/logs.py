@@ -127,3 +127,90 @@ class ActivationMonitor:
     def close(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+class GradAlerts:
+    """training.grad_alert: layers whose gradient norm leaves [min_norm, max_norm].
+
+    Each (layer, direction) is logged as a warning the first time it happens in an epoch, with the
+    step; ``end_epoch`` logs the epoch's summary and returns its count (metrics: ``grad_alerts``).
+    """
+
+    def __init__(self, max_norm: float | None, min_norm: float | None):
+        self.max_norm, self.min_norm = max_norm, min_norm
+        self.seen: dict[tuple[str, str], list] = {}   # (layer, "over"|"under") -> [steps, extreme norm]
+
+    def check(self, norms: dict[str, float], logger: logging.Logger, epoch: int, step: int) -> int:
+        """Count (and warn about the first of) the layers of one step's norms that are out of range."""
+        n = 0
+        for layer, v in norms.items():
+            if self.max_norm is not None and v > self.max_norm:
+                kind, bound, worse = "over", self.max_norm, max
+            elif self.min_norm is not None and v < self.min_norm:
+                kind, bound, worse = "under", self.min_norm, min
+            else:
+                continue
+            n += 1
+            entry = self.seen.get((layer, kind))
+            if entry is None:
+                logger.warning("gradient alert: epoch %d step %d layer %s grad norm %.3g is %s %s (%s)", epoch,
+                               step, layer, v, "above max_norm" if kind == "over" else "below min_norm", f"{bound:g}",
+                               "exploding" if kind == "over" else "vanishing")
+                self.seen[(layer, kind)] = [1, v]
+            else:
+                entry[0] += 1
+                entry[1] = worse(entry[1], v)
+        return n
+
+    def end_epoch(self, logger: logging.Logger, epoch: int, count: int) -> None:
+        """Log the epoch's alerts by layer (nothing when there were none) and start the next epoch afresh."""
+        if count:
+            parts = [f"{layer} {kind} ({steps} steps, extreme {v:.3g})"
+                     for (layer, kind), (steps, v) in sorted(self.seen.items())]
+            logger.warning("epoch %d: %d gradient alerts: %s", epoch, count, ", ".join(parts))
+        self.seen.clear()
+
+
+class StepProfiler:
+    """training.profile: torch.profiler over ``steps`` optimizer steps after WARMUP ones; writes
+    ``profile/trace.json`` (Chrome trace format) and logs the top operators by self CPU time."""
+
+    WARMUP = 2
+    TOP = 10
+
+    def __init__(self, steps: int, out_dir: Path, device: torch.device, logger: logging.Logger):
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        self.steps, self.path, self.log, self.done = steps, out_dir / "profile" / "trace.json", logger, False
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        self.prof = profile(activities=activities, on_trace_ready=self._ready,
+                            schedule=schedule(wait=0, warmup=self.WARMUP, active=steps, repeat=1))
+        self.prof.start()
+        self.log.info("profiling %d training steps after %d warm-up steps", steps, self.WARMUP)
+
+    def step(self) -> None:
+        """Call after each optimizer step."""
+        if not self.done:
+            self.prof.step()
+
+    def _ready(self, prof) -> None:
+        self.done = True
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".tmp-{self.path.name}")
+        prof.export_chrome_trace(str(tmp))
+        tmp.replace(self.path)
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=self.TOP)
+        self.log.info("profile: trace of %d steps in %s; top %d operators by self CPU time:\n%s", self.steps,
+                      self.path.relative_to(self.path.parents[1]), self.TOP, table)
+
+    def close(self) -> None:
+        """Stop profiling; a run that ended inside the recorded steps exports what it recorded."""
+        if self.done:
+            return
+        try:
+            self.prof.stop()
+        finally:
+            if not self.done:
+                self.done = True
+                self.log.warning("profile: the run ended before the %d warm-up steps; no trace written",
+                                 self.WARMUP)

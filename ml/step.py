@@ -28,7 +28,7 @@ class StepResult:
     stepped: bool                # an optimizer step was attempted at this call (boundary)
     skipped: bool = False        # fp16 scaler found inf grads and skipped the step
     grad_norm: float | None = None           # global norm of the unscaled grads, before clipping
-    layer_norms: dict[str, float] = field(default_factory=dict)
+    layer_norms: dict[str, float] = field(default_factory=dict)   # per module, unscaled, before clipping
     correct: int = 0             # right predictions in this micro-batch (free: logits are at hand)
 
 
@@ -49,15 +49,26 @@ def first_nonfinite_param(model: nn.Module) -> str | None:
     return None
 
 
-def layer_grad_norms(model: nn.Module) -> dict[str, float]:
-    """L2 grad norm per module (parameters grouped by their module path)."""
-    sq: dict[str, torch.Tensor] = {}
+def _layer_norms(model: nn.Module) -> tuple[list[str], torch.Tensor | None]:
+    """Module paths and their L2 grad norms [M], as one tensor (no host sync; None without grads)."""
+    slots: dict[str, int] = {}
+    index, grads = [], []
     for name, p in model.named_parameters():
         if p.grad is not None:
             module = name.rsplit(".", 1)[0] if "." in name else name
-            v = p.grad.detach().float().pow(2).sum()
-            sq[module] = sq[module] + v if module in sq else v
-    return {k: math.sqrt(float(v)) for k, v in sq.items()}
+            index.append(slots.setdefault(module, len(slots)))
+            grads.append(p.grad.detach())
+    if not grads:
+        return [], None
+    sq = torch.stack([n.float() for n in torch._foreach_norm(grads)]).pow(2)           # [P]
+    per = torch.zeros(len(slots), device=sq.device).index_add_(0, torch.tensor(index, device=sq.device), sq)
+    return list(slots), per.sqrt()                                                     # [M]
+
+
+def layer_grad_norms(model: nn.Module) -> dict[str, float]:
+    """L2 grad norm per module (parameters grouped by their module path)."""
+    names, norms = _layer_norms(model)
+    return {} if norms is None else dict(zip(names, norms.tolist()))
 
 
 def train_step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn, optimizer,
@@ -87,7 +98,12 @@ def train_step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, lo
     acc.loss = None
     # One host sync per optimizer step: loss, norm and accuracy together (and one all-reduce under DDP).
     stats = torch.stack([group_loss.float(), norm.float(), correct.float()])
-    loss_v, norm_v, correct_v = (stats if sync is None else sync(stats)).tolist()
+    stats = stats if sync is None else sync(stats)
+    # per-layer norms of the (already synchronized) grads, before clipping: in the same host sync
+    names, per_layer = _layer_norms(unwrap(model)) if want_layer_norms else ([], None)
+    values = (stats if per_layer is None else torch.cat([stats, per_layer.to(stats.dtype)])).tolist()
+    loss_v, norm_v, correct_v = values[:3]
+    layers = dict(zip(names, values[3:]))
     fp16 = scaler.is_enabled()
     if not math.isfinite(loss_v) or (not math.isfinite(norm_v) and not fp16):
         bad = first_nonfinite_param(unwrap(model))
@@ -97,7 +113,6 @@ def train_step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, lo
             "Lower training.lr, set training.grad_clip, check the data for NaN/Inf, or use amp: bf16/off")
     if grad_clip is not None and math.isfinite(norm_v):
         torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
-    layers = layer_grad_norms(unwrap(model)) if want_layer_norms else {}
     scale_before = scaler.get_scale() if fp16 else None
     scaler.step(optimizer)                                # skips the step if fp16 grads overflowed
     scaler.update()
