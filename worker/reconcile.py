@@ -8,17 +8,22 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from typing import Callable
 
+from worker.protocol import PRIORITY_SEP, QUEUE, queue_lists  # noqa: F401 (PRIORITY_SEP: re-exported)
+
 log = logging.getLogger("kiln.reconcile")
-PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport keeps priorities in <queue>\x06\x16<n> lists
 
 
-def queued_in_broker(client, queue: str = "kiln") -> set[str] | None:
-    """Task ids waiting in the broker's queue lists (the task id is the job id); None if unreadable."""
+def queued_in_broker(client, queue: str = QUEUE) -> set[str] | None:
+    """Task ids waiting in the broker's queue lists (the task id is the job id); None if unreadable.
+
+    kombu keeps each priority step in a list of its own (worker.protocol.queue_lists): every one is
+    read, or a queued job of another priority would look lost and be sent twice."""
     try:
         ids = set()
-        for name in [queue] + [f"{queue}{PRIORITY_SEP}{p}" for p in (3, 6, 9)]:
+        for name in queue_lists(queue):
             for raw in client.lrange(name, 0, -1):
                 try:
                     ids.add(json.loads(raw)["headers"]["id"])
@@ -28,6 +33,24 @@ def queued_in_broker(client, queue: str = "kiln") -> set[str] | None:
     except Exception as exc:  # broker down: fall back to re-sending by age
         log.warning("cannot inspect the broker queue: %s", exc)
         return None
+
+
+def taken_recently(client, within_s: float) -> set[str]:
+    """Task ids of messages a worker took from the queue in the last ``within_s`` seconds and has not
+    acknowledged (kombu's Redis transport moves a message it delivers into the ``unacked`` hash, its
+    delivery time into ``unacked_index``): on their way to the job's lease. Empty if unreadable."""
+    try:
+        tags = client.zrangebyscore("unacked_index", time.time() - within_s, "+inf")
+        ids = set()
+        for raw in client.hmget("unacked", tags) if tags else []:
+            try:
+                ids.add(json.loads(raw)[0]["headers"]["id"])
+            except (ValueError, KeyError, TypeError, IndexError):
+                continue
+        return ids
+    except Exception as exc:
+        log.warning("cannot inspect the broker's unacknowledged messages: %s", exc)
+        return set()
 
 
 def reconcile(store, send: Callable[[dict], None], settings, *, broker=None, now=None) -> dict:
@@ -40,6 +63,8 @@ def reconcile(store, send: Callable[[dict], None], settings, *, broker=None, now
         log.warning("job %s: worker lost, now %s", job_id, new)
         (recovered if new == "queued" else failed).append(job_id)
     waiting = queued_in_broker(broker) if broker is not None else None
+    if waiting is not None:  # a message taken a moment ago is not lost; one taken a lease ago is
+        waiting |= taken_recently(broker, settings.lease_timeout_s)
     for job_id in store.queued_unsent(settings.reconcile_every_s, now):
         if waiting is not None and job_id in waiting and job_id not in recovered:
             continue  # its message is still in the queue

@@ -14,6 +14,12 @@ completed ends ``succeeded`` with its artifacts (its event says a cancel was pen
 a run that stopped for the cancel ends ``cancelled``. A lease holder whose
 compare-and-set loses to a cancel re-reads the row and tries again; only losing the
 lease makes it give up, so a finished job is never left to the reconciler's "worker lost".
+
+The queue: a queued job's position is 1 + the queued jobs ahead of it (a higher ``priority``, or
+the same priority and created earlier: the order the broker serves them, worker.protocol), and
+its pending reason is what a worker wrote in ``pending_reason`` (a GPU shortage, say) or else
+how many jobs are ahead. A user's retry moves a failed or cancelled job back to ``queued`` in
+place (RETRY below: the only way out of a terminal state).
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ ALLOWED = {  # from -> the states it may move to; terminal states move nowhere
     "running": {"succeeded", "failed", "cancelled", "cancelling", "queued"},
     "cancelling": {"cancelled", "failed", "succeeded", "queued"},
 }
+RETRY = {"failed": {"queued"}, "cancelled": {"queued"}}  # JobStore.retry only: a user's retry in place
 J = db.jobs
 
 
@@ -46,11 +53,13 @@ class JobStore:
         return cls(db.make_engine(settings))
 
     # ------------------------------------------------------------------ rows
-    def create(self, kind: str, config: dict, *, max_attempts: int = 3, job_id: str | None = None) -> dict:
+    def create(self, kind: str, config: dict, *, max_attempts: int = 3, job_id: str | None = None,
+               priority: int = 0, parent: str | None = None) -> dict:
         """Insert a queued job; returns its row as a dict."""
         now = utcnow()
         values = dict(id=job_id or uuid.uuid4().hex, kind=kind, status="queued", config=config, attempts=0,
-                      max_attempts=max_attempts, cancel_requested=False, created_at=now, updated_at=now)
+                      max_attempts=max_attempts, cancel_requested=False, created_at=now, updated_at=now,
+                      priority=int(priority), parent=parent)
         with self.engine.begin() as conn:
             conn.execute(J.insert().values(**values))
             self._event(conn, values["id"], None, "queued", "submitted", now)
@@ -64,15 +73,38 @@ class JobStore:
         return dict(row)
 
     def list(self, status: str | None = None, kind: str | None = None, limit: int = 50,
-             offset: int = 0) -> tuple[list[dict], int]:
-        """A page of jobs, newest first, and the total matching the filters."""
+             offset: int = 0, parent: str | None = None) -> tuple[list[dict], int]:
+        """A page of jobs, newest first, and the total matching the filters (``parent``: a sweep's trials)."""
         where = [c for c in ((J.c.status == status) if status else None,
-                             (J.c.kind == kind) if kind else None) if c is not None]
+                             (J.c.kind == kind) if kind else None,
+                             (J.c.parent == parent) if parent else None) if c is not None]
         with self.engine.connect() as conn:
             total = conn.execute(sa.select(sa.func.count()).select_from(J).where(*where)).scalar_one()
             rows = conn.execute(sa.select(J).where(*where).order_by(J.c.created_at.desc(), J.c.id)
                                 .limit(limit).offset(offset)).mappings().all()
         return [dict(r) for r in rows], int(total)
+
+    def queue_positions(self, rows) -> dict[str, int]:
+        """Queue positions (1 = next) of the queued jobs among ``rows``, in one query whatever their number:
+        higher priority first, then first-come (created_at, then id for a tie)."""
+        ids = [r["id"] for r in rows if r["status"] == "queued"]
+        if not ids:
+            return {}
+        order = (J.c.priority.desc(), J.c.created_at, J.c.id)
+        ranked = (sa.select(J.c.id, sa.func.row_number().over(order_by=order).label("position"))
+                  .where(J.c.status == "queued").subquery())
+        with self.engine.connect() as conn:
+            found = conn.execute(sa.select(ranked.c.id, ranked.c.position).where(ranked.c.id.in_(ids))).all()
+        return {job_id: int(position) for job_id, position in found}
+
+    def job_dicts(self, rows) -> list[dict]:
+        """``to_dict`` of each row, queued ones with their queue position (one query for all of them)."""
+        positions = self.queue_positions(rows)
+        return [to_dict(r, positions.get(r["id"])) for r in rows]
+
+    def job_dict(self, row: dict) -> dict:
+        """``to_dict`` of one row with its queue position."""
+        return self.job_dicts([row])[0]
 
     def counts(self) -> dict[str, int]:
         """The number of jobs in each state (every state, zeros included)."""
@@ -100,16 +132,18 @@ class JobStore:
 
     # ----------------------------------------------------------- transitions
     def transition(self, job_id: str, to: str, reason, *, expect: tuple[str, ...] | None = None,
-                   owner: str | None = None, where: tuple = (), **values) -> bool:
+                   owner: str | None = None, where: tuple = (), retry: bool = False, **values) -> bool:
         """Move the job to ``to`` if its status allows it (and is in ``expect``, and ``owner`` holds
         the lease); a compare-and-set on the status, recorded in job_events. False if it lost.
 
         ``reason`` is the event's text, or a function of the status being left that returns it.
+        ``retry`` also allows RETRY's moves out of failed/cancelled (JobStore.retry's path only).
         """
         for _ in range(10):
             row = self.get(job_id)
             current = row["status"]
-            if to not in ALLOWED.get(current, ()) or (expect is not None and current not in expect):
+            allowed = ALLOWED.get(current, set()) | (RETRY.get(current, set()) if retry else set())
+            if to not in allowed or (expect is not None and current not in expect):
                 return False
             if owner is not None and row["lease_owner"] != owner:
                 return False  # lost the lease: someone else decides this job's fate now
@@ -168,6 +202,26 @@ class JobStore:
                              **lease, **extra)
         return to if ok else None
 
+    def retry(self, job_id: str, *, extra_attempts: int, reason: str = "retried by user") -> dict:
+        """A failed or cancelled job back to ``queued`` in place (same id, config and files): its error
+        and cancel flag cleared, ``extra_attempts`` more attempts granted. The run resumes from the
+        job's checkpoints/last.pt when there is one (ml.train resumes from it, as after a lost worker).
+        Conflict (409) naming the status for any other job."""
+        for _ in range(5):
+            row = self.get(job_id)
+            status = row["status"]
+            if status not in RETRY:
+                raise Conflict(f"job {job_id} is {status}; only failed or cancelled jobs can be retried",
+                               {"status": status}, code="not_retryable")
+            attempts = int(row["attempts"] or 0)
+            if self.transition(job_id, "queued", f"{reason}; attempt {attempts + 1} of up to "
+                               f"{attempts + extra_attempts}", expect=(status,), retry=True,
+                               max_attempts=attempts + extra_attempts, error=None, cancel_requested=False,
+                               finished_at=None, enqueued_at=None, pending_reason=None, lease_owner=None,
+                               lease_expires=None):
+                return self.get(job_id)
+        raise Conflict(f"job {job_id} changed while being retried; try again", code="not_retryable")
+
     # ---------------------------------------------------------------- leases
     def acquire_lease(self, job_id: str, owner: str, ttl_s: float) -> bool:
         """Take the job's lease if it is free, stale, or already ours (atomic)."""
@@ -204,7 +258,8 @@ class JobStore:
         now = now or utcnow()
         with self.engine.connect() as conn:
             return list(conn.execute(sa.select(J.c.id).where(
-                J.c.status.in_(ACTIVE), sa.or_(J.c.lease_expires.is_(None), J.c.lease_expires < now))).scalars())
+                J.c.status.in_(ACTIVE), sa.or_(J.c.lease_expires.is_(None), J.c.lease_expires < now),
+                J.c.kind != "sweep")).scalars())  # a sweep runs on no worker (worker.sweeps)
 
     def queued_unsent(self, older_than_s: float, now: datetime | None = None) -> list[str]:
         """Queued jobs never sent, or sent longer ago than ``older_than_s`` and not leased."""
@@ -252,19 +307,36 @@ class JobStore:
             return bool(conn.execute(sa.select(J.c.cancel_requested).where(J.c.id == job_id)).scalar())
 
 
-def to_dict(row: dict) -> dict:
-    """DESIGN.md's job shape."""
+def queue_reason(position: int | None, pending_reason: str | None) -> str | None:
+    """Why a queued job is not running: what a worker said, else how many jobs are ahead."""
+    if pending_reason:
+        return pending_reason
+    if position is None:
+        return None
+    if position <= 1:
+        return "next in line; waiting for a free worker"
+    ahead = position - 1
+    return f"{ahead} job{'s' if ahead != 1 else ''} ahead"
+
+
+def to_dict(row: dict, position: int | None = None) -> dict:
+    """DESIGN.md's job shape; ``position`` is the queued job's place in the queue (JobStore.job_dicts)."""
     p = row.get("progress") or {}
     progress = {k: p.get(k) for k in ("epoch", "epochs", "step", "total_steps", "percent", "eta_s")}
     if progress["percent"] is None:
         progress["percent"] = 100.0 if row["status"] == "succeeded" else 0.0
     if row["status"] != "running":
         progress["eta_s"] = None  # only a job that is running has time left
+    queued = row["status"] == "queued"
+    queue = {"position": position if queued else None,
+             "reason": queue_reason(position, row.get("pending_reason")) if queued else None}
     return {"id": row["id"], "kind": row["kind"], "status": row["status"], "attempts": row["attempts"],
             "max_attempts": row["max_attempts"], "progress": progress,
             "metrics": {"latest": row.get("metrics_latest") or {}, "best": row.get("metrics_best") or {}},
             "config": row["config"], "error": row.get("error"), "worker": row.get("worker"),
             "world_size": int(p.get("world_size") or 1),
             "cancel_requested": bool(row.get("cancel_requested")),
+            "promotion": p.get("promotion"), "stopped": p.get("stopped"),  # worker.promote, worker.sweeps
+            "queue": queue, "priority": int(row.get("priority") or 0), "parent": row.get("parent"),
             "created_at": iso(row["created_at"]), "started_at": iso(row.get("started_at")),
             "finished_at": iso(row.get("finished_at")), "updated_at": iso(row.get("updated_at"))}
