@@ -34,6 +34,7 @@ ENDPOINT_SCOPES: dict[str, str] = {
     "jobs.list_jobs": "read",
     "jobs.get_job": "read",
     "jobs.cancel": "submit",
+    "jobs.retry": "submit",
     "jobs.logs": "read",
     "jobs.metrics": "read",
     "jobs.artifacts": "read",

@@ -1,4 +1,8 @@
-"""/v1/jobs: submit, list, inspect and cancel jobs; read their logs, metrics and artifacts."""
+"""/v1/jobs: submit, list, inspect, cancel and retry jobs; read their logs, metrics and artifacts.
+
+POST /v1/jobs and POST /v1/datasets take an ``Idempotency-Key`` header (``idempotent`` below,
+worker.idempotency): the same key and body from the same caller get the first answer again.
+"""
 from __future__ import annotations
 
 import json
@@ -10,15 +14,17 @@ import select
 import socket
 import threading
 import time
+from typing import Callable
 
 import yaml
-from flask import Blueprint, Response, current_app, jsonify, request, url_for
+from flask import Blueprint, Response, current_app, g, jsonify, request, url_for
 
 from web.context import kiln, settings
 from web.errors import too_large_message
-from web.schemas import JOB_QUERY, LOG_QUERY, doc, parse_query, validate_job
+from web.schemas import JOB_QUERY, LOG_QUERY, SUBMIT_QUERY, doc, parse_query, validate_job
 from worker.errors import (BadRequest, InvalidInput, KilnError, PayloadTooLarge, TooManyRequests,
                            UnsupportedMediaType)
+from worker.idempotency import HEADER as IDEMPOTENCY_HEADER, IdempotencyKeys, body_digest, check_key
 from worker.storage import clean_path
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
@@ -32,14 +38,20 @@ CHUNK = 256 * 1024
 JOB_LINK = {"job_id": "$response.body#/id"}
 
 
-def _read_body() -> object:
-    """The request body decoded as JSON or YAML by its Content-Type; 400/415 say what is wrong."""
+def _check_media_type() -> bool:
+    """True for a JSON body, False for YAML; 415 for anything else."""
     mimetype = request.mimetype or ""
     is_json = mimetype in JSON_TYPES or mimetype.endswith("+json")
     if not is_json and mimetype not in YAML_TYPES:
         raise UnsupportedMediaType(f"unsupported content type {mimetype or '(none)'}; send application/json "
                                    '{"kind": ..., "config": {...}} or an application/yaml config')
-    raw = _bounded_data()
+    return is_json
+
+
+def _read_body(raw: bytes | None = None) -> object:
+    """The request body decoded as JSON or YAML by its Content-Type; 400/415 say what is wrong."""
+    is_json = _check_media_type()
+    raw = _bounded_data() if raw is None else raw
     if not raw.strip():
         raise BadRequest("the request body is empty; send a job as JSON or YAML", code="empty_body")
     try:
@@ -63,8 +75,9 @@ def _read_body() -> object:
                          code="invalid_yaml") from None
     if not isinstance(data, dict):
         raise BadRequest(f"the YAML document must be a mapping, got {type(data).__name__}", code="invalid_yaml")
-    # A YAML body is either a full {"kind", "config"} document or a bare train config.
-    return data if "config" in data and set(data) <= {"kind", "config"} else {"kind": "train", "config": data}
+    # A YAML body is either a full {"kind", "config"[, "priority"]} document or a bare train config.
+    return data if "config" in data and set(data) <= {"kind", "config", "priority"} \
+        else {"kind": "train", "config": data}
 
 
 class _NoAliasLoader(yaml.SafeLoader):
@@ -98,23 +111,91 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
+def principal() -> str:
+    """Who is calling: the token's id, or "anonymous" when auth is off."""
+    token = g.get("kiln_token")
+    return token["id"] if token else "anonymous"
+
+
+def idempotent(endpoint: str, digest: Callable[[], str], answer: Callable[[], Response],
+               location: Callable[[dict], str] | None = None) -> Response:
+    """``answer()``, or with an Idempotency-Key header the first answer to the same key and body.
+
+    400 for a malformed key; 409 for a key used with another body (``digest()``, sha256 of what the
+    request sends) or still in progress. Only a 2xx answer is kept; after a failure the key is free."""
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    if key is None:
+        return answer()
+    check_key(key)
+    keys = IdempotencyKeys(kiln().engine, settings().idempotency_ttl_s,
+                           stale_after_s=max(900.0, settings().dataset_check_timeout_s + 60))
+    who = principal()
+    first = keys.begin(who, endpoint, key, digest())
+    if first is not None:
+        status, body = first
+        resp = jsonify(body)
+        resp.status_code = status
+        resp.headers["Idempotent-Replayed"] = "true"
+        if location is not None and isinstance(body, dict):
+            resp.headers["Location"] = location(body)
+        return resp
+    try:
+        resp = answer()
+    except BaseException:
+        keys.release(who, endpoint, key)
+        raise
+    if 200 <= resp.status_code < 300:
+        keys.complete(who, endpoint, key, resp.status_code, resp.get_json())
+    else:
+        keys.release(who, endpoint, key)
+    return resp
+
+
+def _job_location(job: dict) -> str:
+    return url_for("jobs.get_job", job_id=job["id"])
+
+
 @bp.post("")
 @doc(body={"application/json": "JobSubmission", "application/yaml": "JobYaml"},
-     body_types=("application/json", "application/yaml"),
-     responses={202: ("the queued job (Location: its URL)", "Job"), 400: "malformed JSON or YAML",
+     body_types=("application/json", "application/yaml"), query=SUBMIT_QUERY,
+     responses={202: ("the queued job (Location: its URL); with an Idempotency-Key seen before, the first "
+                      "answer again (Idempotent-Replayed: true)", "Job"),
+                400: "malformed JSON or YAML, a bad ?priority= or Idempotency-Key",
+                409: "the Idempotency-Key was used with another body, or its first request is still in progress",
                 413: "body too large", 415: "unsupported content type",
-                422: "invalid config, one detail per field; or it names a dataset or model that does not exist"},
+                422: "invalid config or priority, one detail per field; or it names a dataset or model that "
+                     "does not exist"},
      links={202: {"GetJob": ("jobs.get_job", JOB_LINK), "CancelJob": ("jobs.cancel", JOB_LINK),
                   "JobLogs": ("jobs.logs", JOB_LINK), "JobMetrics": ("jobs.metrics", JOB_LINK),
                   "JobArtifacts": ("jobs.artifacts", JOB_LINK)}})
 def submit():
-    """Validate a job config and queue it."""
-    kind, config = validate_job(_read_body())
-    job = kiln().submit_job(kind, config)
-    resp = jsonify(job)
-    resp.status_code = 202
-    resp.headers["Location"] = url_for("jobs.get_job", job_id=job["id"])
-    return resp
+    """Validate a job config and queue it.
+
+    ``priority`` (0-9, default 0; higher runs first, then first-come) comes from the body or, for a
+    bare YAML config, from ``?priority=``. An ``Idempotency-Key`` header makes a repeat of the same
+    request (same body and content type, same caller) answer the first job instead of a new one.
+    """
+    _check_media_type()
+    query = parse_query(SUBMIT_QUERY, request.args)  # 400 for a bad ?priority=, whatever the body
+    raw = _bounded_data()
+
+    def answer() -> Response:
+        data = _read_body(raw)
+        kind, config = validate_job(data)
+        priority = query["priority"]
+        if isinstance(data, dict) and "priority" in data:
+            if "priority" in request.args and int(data["priority"]) != query["priority"]:
+                raise InvalidInput("priority is given twice, in the body and in ?priority=, with different "
+                                   "values; give it once", [{"field": "priority", "message": "given twice"}])
+            priority = int(data["priority"])
+        job = kiln().submit_job(kind, config, priority=priority)
+        resp = jsonify(job)
+        resp.status_code = 202
+        resp.headers["Location"] = _job_location(job)
+        return resp
+
+    digest = lambda: body_digest(request.mimetype or "", raw, request.args.get("priority", ""))  # noqa: E731
+    return idempotent("POST /v1/jobs", digest, answer, _job_location)
 
 
 @bp.get("")
@@ -139,6 +220,15 @@ def get_job(job_id: str):
 def cancel(job_id: str):
     """Cancel a job: a queued one at once, a running one at its next step boundary."""
     return jsonify(kiln().cancel_job(job_id))
+
+
+@bp.post("/<job_id>/retry")
+@doc(responses={200: ("the job, queued again in place (same id); it resumes from its last checkpoint", "Job"),
+                404: "no such job", 409: "the job is queued, running or succeeded (only failed or cancelled "
+                                         "jobs are retried)"})
+def retry(job_id: str):
+    """Retry a failed or cancelled job in place: queued again with fresh attempts, from its last checkpoint."""
+    return jsonify(kiln().retry_job(job_id))
 
 
 @bp.get("/<job_id>/logs")

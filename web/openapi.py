@@ -49,6 +49,12 @@ EXTRA = {
         "GetModel": ("models_api.get_model", {"name": "$response.body#/name"}),
         "SetAlias": ("models_api.set_alias", {"name": "$response.body#/name"})}}},
 }
+# Request headers an operation reads, by endpoint.
+IDEMPOTENCY_KEY = {"name": "Idempotency-Key", "in": "header", "required": False,
+                   "schema": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,255}$"},
+                   "description": "1-255 visible ASCII characters: a repeat with the same key and body (same caller, "
+                                  "within KILN_IDEMPOTENCY_TTL_S) answers the first answer again; another body is 409"}
+HEADERS = {"jobs.submit": [IDEMPOTENCY_KEY], "datasets.create": [IDEMPOTENCY_KEY]}
 RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "required": True,
                                "schema": {"type": "integer", "minimum": 0}}}
 GENERIC = {400: "malformed request: a NUL byte in the URL, a bad query parameter or body",
@@ -86,7 +92,15 @@ def response_components() -> dict:
                                       "properties": {"latest": {"type": "object"}, "best": {"type": "object"}}},
                           "config": {"type": "object"}, "error": nts, "worker": nts,
                           "world_size": {"type": "integer", "minimum": 1},
-                          "cancel_requested": {"type": "boolean"}, "created_at": ts, "started_at": nts,
+                          "cancel_requested": {"type": "boolean"},
+                          "queue": {"type": "object", "required": ["position", "reason"], "properties": {
+                              "position": {"type": ["integer", "null"], "minimum": 1,
+                                           "description": "a queued job's place: 1 runs next; null unless queued"},
+                              "reason": {"type": ["string", "null"],
+                                         "description": "why a queued job waits; null unless queued"}}},
+                          "priority": {k: schemas.PRIORITY[k] for k in ("type", "minimum", "maximum")},
+                          "parent": {**nts, "description": "the sweep this trial belongs to"},
+                          "created_at": ts, "started_at": nts,
                           "finished_at": nts, "updated_at": nts}}
     dataset = {"type": "object", "required": ["id", "name", "classes", "counts", "num_images", "size", "created_at"],
                "properties": {"id": {"type": "string", "pattern": ID_RE}, "name": ts,
@@ -189,6 +203,7 @@ def _operation(app, rule, method: str, op_ids: dict) -> dict:
         required = rule.endpoint == "predict.predict" and name == "model" and not settings.default_model
         params.append({"name": name, "in": "query", "required": required, "schema": sub,
                        "description": sub.get("description", "")})
+    params += HEADERS.get(rule.endpoint, [])
     if params:
         op["parameters"] = params
     responses = dict(facts.get("responses", {}))

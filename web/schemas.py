@@ -18,13 +18,20 @@ from typing import Any, Callable
 from configs import PredictConfig, TrainConfig, json_schema, parse_config
 from configs.names import ID_RE, JOB_KINDS, JOB_STATES, MAX_VERSION, MODEL_REF_RE, NAME_RE, TOKEN_NAME_RE
 from worker.errors import BadRequest, InvalidInput
+from worker.protocol import PRIORITY_MAX, PRIORITY_MIN
 
+PRIORITY = {"type": "integer", "minimum": PRIORITY_MIN, "maximum": PRIORITY_MAX, "default": PRIORITY_MIN,
+            "description": f"{PRIORITY_MIN} (default) to {PRIORITY_MAX}: higher runs first, then first-come"}
+SUBMIT_QUERY = {"type": "object", "properties": {"priority": {
+    **PRIORITY, "description": "the job's priority (higher first) when the body does not give one "
+                              "(a bare YAML config cannot)"}}}
 JOB_SUBMISSION = {
     "type": "object", "additionalProperties": False, "required": ["config"],
     "properties": {
         "kind": {"type": "string", "enum": list(JOB_KINDS), "default": "train",
                  "description": "train or predict"},
         "config": {"type": "object", "description": "a TrainConfig (kind train) or PredictConfig (kind predict)"},
+        "priority": PRIORITY,
     },
 }
 JOB_QUERY = {
@@ -294,7 +301,8 @@ def components() -> dict:
         branch = {"type": "object", "additionalProperties": False,
                   "required": ["config"] if kind == "train" else ["kind", "config"],
                   "properties": {"kind": {"type": "string", "const": kind},
-                                 "config": {"$ref": f"#/components/schemas/{cls.__name__}"}}}
+                                 "config": {"$ref": f"#/components/schemas/{cls.__name__}"},
+                                 "priority": PRIORITY}}
         branches.append(branch)
     return {
         **configs,

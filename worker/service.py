@@ -61,7 +61,7 @@ class Kiln:
         return self._celery
 
     # ----------------------------------------------------------------- jobs
-    def submit_job(self, kind: str, config: dict) -> dict:
+    def submit_job(self, kind: str, config: dict, priority: int = 0) -> dict:
         """Validate, store (queued) and enqueue a job; ConfigError/InvalidInput for bad input."""
         cfg = parse_config(config, kind)
         plain = config_dict(cfg)
@@ -69,10 +69,10 @@ class Kiln:
         self._check_dataset(cfg)
         if kind == "predict":
             self._check_model(cfg.model)
-        job = self.store.create(kind, plain, max_attempts=self.settings.max_attempts)
+        job = self.store.create(kind, plain, max_attempts=self.settings.max_attempts, priority=priority)
         self.storage.write_recorded(f"jobs/{job['id']}", "config.yaml", dump_yaml(cfg).encode())
         self._send(job)
-        return to_dict(self.store.get(job["id"]))
+        return self.store.job_dict(self.store.get(job["id"]))
 
     def _check_dataset(self, cfg) -> None:
         ds = cfg.data.dataset
@@ -112,7 +112,7 @@ class Kiln:
             log.warning("job %s stored but not sent (%s); the reconciler will send it", job["id"], exc)
 
     def get_job(self, job_id: str) -> dict:
-        return to_dict(self.store.get(self._job_id(job_id)))
+        return self.store.job_dict(self.store.get(self._job_id(job_id)))
 
     def job_events(self, job_id: str) -> list[dict]:
         self.store.get(self._job_id(job_id))
@@ -120,11 +120,20 @@ class Kiln:
 
     def list_jobs(self, status=None, kind=None, limit: int = 50, offset: int = 0) -> dict:
         rows, total = self.store.list(status=status, kind=kind, limit=limit, offset=offset)
-        return {"jobs": [to_dict(r) for r in rows], "total": total, "limit": limit, "offset": offset}
+        return {"jobs": self.store.job_dicts(rows), "total": total, "limit": limit, "offset": offset}
 
     def cancel_job(self, job_id: str) -> dict:
         """Queued: cancelled at once. Running: cancelling, then cancelled at a step boundary."""
         return to_dict(self.store.request_cancel(self._job_id(job_id)))
+
+    def retry_job(self, job_id: str) -> dict:
+        """A failed or cancelled job queued again in place; it resumes from checkpoints/last.pt if any."""
+        job_id = self._job_id(job_id)
+        resumes = self.storage.exists(f"jobs/{job_id}/checkpoints/last.pt")
+        why = "retried by user; " + ("resumes from checkpoints/last.pt" if resumes else "no checkpoint: starts over")
+        job = self.store.retry(job_id, extra_attempts=self.settings.max_attempts, reason=why)
+        self._send(job)
+        return self.store.job_dict(self.store.get(job_id))
 
     def _job_id(self, job_id: str) -> str:
         if not is_id(job_id):

@@ -220,7 +220,9 @@ def test_spec_statuses_match_the_answers(client, job):
     ({"kind": "predict", "config": {"training": {}}}, False),   # a train config under predict
     ({"kind": "train", "config": {"model": "digits"}}, False),
     ({"kind": "sweep-ish", "config": {}}, False),
-    ({"config": {}, "priority": 3}, False),
+    ({"config": {}, "priority": 3}, True),
+    ({"config": {}, "priority": 10}, False),
+    ({"config": {}, "urgency": 3}, False),
     ({"kind": "train"}, False),
 ])
 def test_job_schema_is_as_strict_as_validation(client, body, valid):

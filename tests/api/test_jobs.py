@@ -131,7 +131,9 @@ def test_config_with_several_errors_names_each_field(client):
     ({"kind": "train"}, "config"),
     ({"kind": "deploy", "config": {}}, "kind"),
     ({"kind": "train", "config": [1, 2]}, "config"),
-    ({"kind": "train", "config": {}, "priority": 1}, "priority"),
+    ({"kind": "train", "config": {}, "priority": 10}, "priority"),
+    ({"kind": "train", "config": {}, "priority": "high"}, "priority"),
+    ({"kind": "train", "config": {}, "urgency": 1}, "urgency"),
     ({"kind": "predict", "config": {"model": "no such ref!"}}, "model"),
 ])
 def test_submission_shape_errors_are_422(client, body, field):
