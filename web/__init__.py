@@ -27,12 +27,12 @@ def create_app(settings=None) -> "Flask":
     app.url_map.merge_slashes = False
     app.extensions["kiln"] = Kiln(settings)  # cheap: the facade connects lazily
 
-    from web import auth, dashboard, datasets, errors, health, jobs, metrics, models_api, openapi, predict
+    from web import auth, dashboard, datasets, errors, health, jobs, metrics, models_api, openapi, predict, workers
 
     errors.init_app(app)
     metrics.init_app(app)  # registers /metrics; its hooks go first, so requests auth refuses are timed too
     errors.init_guards(app)  # body limits, NUL and JSON depth: before auth reads the store
     auth.init_app(app)
-    for module in (health, jobs, datasets, auth, openapi, models_api, predict, dashboard):
+    for module in (health, jobs, datasets, auth, openapi, models_api, predict, dashboard, workers):
         app.register_blueprint(module.bp)
     return app

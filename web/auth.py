@@ -50,6 +50,8 @@ ENDPOINT_SCOPES: dict[str, str] = {
     "models_api.set_alias": "admin",
     # predict
     "predict.predict": "predict",
+    # workers
+    "workers.list_all": "read",
     # tokens
     "tokens.create": "admin",
     "tokens.list_tokens": "admin",

@@ -2,37 +2,27 @@
 
 Reads Settings from the environment (the one place it does, for the worker), imports
 torch and ml in the parent so every forked process starts warm, and runs one pool child
-per visible GPU (1 on a CPU machine), each pinned to its own device. The pool child holds the
-job's lease and forks the job process (worker.jobproc), which gets the clean CUDA context; the
-pool child itself never touches the GPU, so it stays warm across jobs (replacing it after each
-job made a job wait for a new child now and then: 2-4 s).
+per visible GPU (1 on a CPU machine). No pool child owns a GPU: before it leases a job it
+reserves the GPUs the job needs from the host's allocator (worker.gpus: 1, or
+training.processes, or all of them) and the job process it forks (worker.jobproc) sees exactly
+those; the pool child itself never touches the GPU, so it stays warm across jobs (replacing it
+after each job made a job wait for a new child now and then: 2-4 s). The main process
+advertises the worker (worker.workers: GPUs, free GPUs, slots) every heartbeat.
 """
 from __future__ import annotations
 
 import logging
 import os
-import subprocess
+import socket
 
 from celery import signals
 
 from configs import Settings
-from worker import db
+from worker import db, gpus
 from worker.app import make_celery
 from worker.jobrun import install_log_factory
 
 log = logging.getLogger("kiln.worker")
-
-
-def visible_gpus() -> list[str]:
-    """GPU ids this worker may use, without initialising CUDA in the parent (children fork later)."""
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env is not None:
-        return [d.strip() for d in env.split(",") if d.strip() and d.strip() != "-1"]
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return [str(i) for i, line in enumerate(l for l in out.splitlines() if l.startswith("GPU "))]
 
 
 settings = Settings.from_env()
@@ -40,8 +30,10 @@ install_log_factory()
 if not logging.getLogger().handlers:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(processName)s %(levelname)s [job %(job_id)s] %(name)s: %(message)s")
-GPUS = visible_gpus()
-CONCURRENCY = max(1, len(GPUS))
+GPUS = gpus.visible_gpus()
+CONCURRENCY = max(1, len(GPUS))  # one pool child per GPU; a job of N GPUs leaves N - 1 of them waiting
+ALLOCATOR = gpus.configure(GPUS, settings)  # before the fork: every pool child shares the host's lock files
+WORKER_NAME = settings.worker_name or socket.gethostname()
 app = make_celery(settings)
 app.conf.update(worker_concurrency=CONCURRENCY, worker_pool="prefork")
 
@@ -63,21 +55,16 @@ import torch  # noqa: E402
 _warm_imports()
 
 _reconciler = None
+_advertiser = None
 
 
 @signals.worker_process_init.connect
 def _child_init(**_):
-    """Light per-child setup: fresh DB pools, own GPU, deliberate thread count."""
-    from billiard.process import current_process
-
+    """Light per-child setup: fresh DB pools, deliberate thread count (GPUs are reserved per job)."""
     from worker import tasks
 
     db.after_fork()
     tasks.reset_context()
-    index = getattr(current_process(), "index", 0) or 0
-    if GPUS:
-        # before any CUDA call in this child: it sees exactly one device, as cuda:0
-        os.environ["CUDA_VISIBLE_DEVICES"] = GPUS[index % len(GPUS)]
     threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // CONCURRENCY)
     torch.set_num_threads(threads)
     os.environ.setdefault("KILN_TORCH_THREADS", str(threads))  # ml keeps our choice
@@ -85,16 +72,25 @@ def _child_init(**_):
 
 @signals.worker_ready.connect
 def _start_reconciler(sender=None, **_):
-    """The embedded default runs no celery beat: reconcile from a thread in the main process."""
-    global _reconciler
+    """The embedded default runs no celery beat: reconcile from a thread in the main process; a
+    second thread advertises this worker (worker.workers.Advertiser)."""
+    global _reconciler, _advertiser
     from worker.reconcile import Reconciler, reconcile
+    from worker.retention import sweep as retention_sweep
+    from worker.sweeps import advance_sweeps
     from worker.tasks import context
+    from worker.workers import Advertiser
 
     ctx = context(app)
     client = ctx.broker_client()
-    _reconciler = Reconciler(lambda: reconcile(ctx.store, ctx.send, settings, broker=client),
+    _reconciler = Reconciler(lambda: {**reconcile(ctx.store, ctx.send, settings, broker=client),
+                                      **advance_sweeps(ctx.store),  # and the sweeps' controller pass
+                                      **retention_sweep(settings, engine=ctx.store.engine, storage=ctx.storage)},
                              settings.reconcile_every_s)
     _reconciler.start()
+    _advertiser = Advertiser(ctx.store.engine, WORKER_NAME, GPUS, CONCURRENCY, lambda: len(ALLOCATOR.free_ids()),
+                             settings.heartbeat_s, info={"torch": torch.__version__, "cuda": torch.version.cuda})
+    _advertiser.start()
     log.info("worker ready: %d process(es), GPUs %s, reconcile every %ss", CONCURRENCY, GPUS or "none",
              settings.reconcile_every_s)
 
@@ -103,3 +99,5 @@ def _start_reconciler(sender=None, **_):
 def _stop_reconciler(**_):
     if _reconciler is not None:
         _reconciler.stop()
+    if _advertiser is not None:
+        _advertiser.stop()

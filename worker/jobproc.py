@@ -54,9 +54,11 @@ def run_inline(body: Callable[[], Outcome]) -> Outcome:
 
 def run_forked(body: Callable[[], Outcome], *, watch: Callable[[], str | None],
                on_started: Callable[[], None] = lambda: None, poll_s: float = 0.2,
-               term_grace_s: float = 10.0) -> Outcome:
+               term_grace_s: float = 10.0, env: dict[str, str] | None = None) -> Outcome:
     """Fork a job process that runs ``body`` and wait for it.
 
+    ``env`` is set in the job process before ``body`` runs (the GPUs reserved for the job:
+    CUDA_VISIBLE_DEVICES; the pool process never initialises CUDA, so the job's choice holds).
     ``on_started()`` runs here right after the fork (start threads there, not before it).
     ``watch()`` runs here every ``poll_s``; a non-None answer (the reason) ends the job's
     whole process group: SIGTERM, then SIGKILL after ``term_grace_s``.
@@ -70,6 +72,7 @@ def run_forked(body: Callable[[], Outcome], *, watch: Callable[[], str | None],
         code, outcome = 1, None
         try:
             _become_job_process()
+            os.environ.update(env or {})
             outcome = body()
             code = 0
         except BaseException as exc:  # noqa: BLE001 - the parent records it as a lost attempt

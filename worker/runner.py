@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
-from worker import jobproc
+from worker import gpus, jobproc
 from worker.jobproc import Outcome
 from worker.jobrun import JobRun, job_id_logging, remove_scratch, run_job
 from worker.store import ACTIVE, TERMINAL, JobStore
@@ -116,7 +116,11 @@ def execute(job_id: str, ctx: Context, runners: dict[str, Runner] | None = None)
         if row["status"] in TERMINAL:
             log.info("dropping message: job already %s", row["status"])
             return f"dropped: {row['status']}"
+        reserved = gpus.reserve_for_job(ctx, row)  # the job's GPUs on this host; waits while too few are free
+        if isinstance(reserved, str):
+            return reserved  # the job was cancelled or another worker took it while we waited
         if not store.acquire_lease(job_id, owner, s.lease_timeout_s):
+            reserved.release()
             log.info("dropping message: job is leased by a live worker")
             return "dropped: leased"
         lease = Lease(store, job_id, owner, s.heartbeat_s, s.lease_timeout_s)
@@ -133,9 +137,10 @@ def execute(job_id: str, ctx: Context, runners: dict[str, Runner] | None = None)
             if runner is None:
                 store.finish(job_id, owner, "failed", "no runner", error=f"no runner for job kind {job['kind']!r} here")
                 return "failed"
-            outcome = _launch(job, ctx, owner, lease, runner)
+            outcome = _launch(job, ctx, owner, lease, runner, reserved.env())
             return _record(job, ctx, owner, lease, outcome)
         finally:
+            reserved.release()
             lease.stop()
             try:
                 store.release_lease(job_id, owner)
@@ -144,7 +149,7 @@ def execute(job_id: str, ctx: Context, runners: dict[str, Runner] | None = None)
             remove_scratch(ctx, job_id)
 
 
-def _launch(job: dict, ctx: Context, owner: str, lease: Lease, runner: Runner) -> Outcome:
+def _launch(job: dict, ctx: Context, owner: str, lease: Lease, runner: Runner, env: dict | None = None) -> Outcome:
     """Run the job in a job process of its own (or inline); the lease is heartbeated from here."""
     transient = transient_errors()
     if ctx.launch == "inline":
@@ -158,7 +163,7 @@ def _launch(job: dict, ctx: Context, owner: str, lease: Lease, runner: Runner) -
         return run_job(job, dataclasses.replace(ctx, storage=Storage(ctx.settings.storage)), owner, runner, transient)
 
     # fork before the heartbeat thread starts: a fork must not copy a thread holding a lock
-    return jobproc.run_forked(body, watch=watch, on_started=lease.start)
+    return jobproc.run_forked(body, watch=watch, on_started=lease.start, env=env)
 
 
 class Watch:

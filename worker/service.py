@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from configs import dump_yaml, parse_config, to_dict as config_dict
 from configs.names import TERMINAL_STATES, is_id, parse_model_ref
 from configs.paths import check_paths
-from worker import db
+from worker import db, workers
 from worker.errors import InvalidInput, NotFound
 from worker.storage import Storage, clean_path
 from worker.store import JobStore, to_dict
@@ -69,7 +69,10 @@ class Kiln:
         self._check_dataset(cfg)
         if kind == "predict":
             self._check_model(cfg.model)
+        waits_for = workers.check_fits(self.engine, kind, plain, self.settings)  # 422 if no live worker can hold it
         job = self.store.create(kind, plain, max_attempts=self.settings.max_attempts, priority=priority)
+        if waits_for:
+            workers.set_pending_reason(self.engine, job["id"], waits_for, in_hand=False)
         self.storage.write_recorded(f"jobs/{job['id']}", "config.yaml", dump_yaml(cfg).encode())
         self._send(job)
         return self.store.job_dict(self.store.get(job["id"]))
