@@ -20,9 +20,10 @@ from configs.schema import (
     to_dict,
 )
 from configs.settings import Settings
+from configs.sweep import SweepConfig  # registers kind sweep with parse_config
 
 __all__ = [
     "ConfigError", "DataConfig", "FieldError", "ModelConfig", "PredictConfig",
-    "PredictDataConfig", "Settings", "TrainConfig", "TrainingConfig", "apply_overrides",
+    "PredictDataConfig", "Settings", "SweepConfig", "TrainConfig", "TrainingConfig", "apply_overrides",
     "dump_yaml", "json_schema", "load_config", "load_predict_config", "parse_config", "to_dict",
 ]

@@ -23,7 +23,7 @@ MODEL_REF_RE = rf"^{NAME}((:{VERSION})|(@{NAME}))?$"
 # A torch device a job may ask for: cuda's index is bounded (a host has at most 64 GPUs here).
 DEVICE_RE = r"^(auto|cpu|mps|cuda(:([0-9]|[1-5][0-9]|6[0-3]))?)$"
 
-JOB_KINDS = ("train", "predict")
+JOB_KINDS = ("train", "predict", "sweep")
 JOB_STATES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
 ACTIVE_STATES = ("running", "cancelling")
