@@ -64,6 +64,8 @@ class Settings:
     cancel_grace_s: float = 120.0
     job_soft_time_limit_s: int = 7 * 24 * 3600
     visibility_timeout_s: int = 12 * 3600
+    # days a finished job's stored objects are kept (the reconciler removes them; the row stays); 0 = forever
+    artifact_ttl_days: float = 0.0
     # how long an Idempotency-Key of POST /v1/jobs or /v1/datasets replays its first answer
     idempotency_ttl_s: float = 24 * 3600.0
     worker_name: str = ""

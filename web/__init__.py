@@ -35,4 +35,6 @@ def create_app(settings=None) -> "Flask":
     auth.init_app(app)
     for module in (health, jobs, datasets, auth, openapi, models_api, predict, dashboard, workers):
         app.register_blueprint(module.bp)
+    from web import retention  # the DELETE routes
+    app.register_blueprint(retention.bp)
     return app

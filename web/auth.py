@@ -43,6 +43,10 @@ ENDPOINT_SCOPES: dict[str, str] = {
     "datasets.create": "submit",
     "datasets.list_datasets": "read",
     "datasets.get_dataset": "read",
+    # deletes: whoever may create a thing may delete it (jobs, datasets: submit; model versions: admin)
+    "retention.delete_job": "submit",
+    "retention.delete_dataset": "submit",
+    "retention.delete_model_version": "admin",
     # models
     "models_api.register": "admin",
     "models_api.list_models": "read",

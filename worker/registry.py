@@ -26,6 +26,7 @@ from ml.files import atomic_write
 from worker import db
 from worker.clock import iso, utcnow
 from worker.errors import Conflict, InvalidInput, NotFound
+from worker.retention import retired_version
 from worker.storage import Storage, sha256_file
 
 DEFAULT_ALIAS = "production"  # what a bare "name" resolves to when set; else the latest version
@@ -197,7 +198,7 @@ class Registry:
                 with self.engine.begin() as conn:
                     latest = conn.execute(sa.select(sa.func.max(self.versions.c.version))
                                           .where(self.versions.c.name == name)).scalar()
-                    version = (latest or 0) + 1
+                    version = max(latest or 0, retired_version(self.storage, name)) + 1  # never reused
                     card = {**card, "version": version, "created_at": iso(created)}
                     conn.execute(self.versions.insert().values(
                         name=name, version=version, job_id=job_id, checkpoint=checkpoint,

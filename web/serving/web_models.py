@@ -55,9 +55,10 @@ class ModelCache:
     """Per-process cache: model ref -> loaded version, with alias refresh and no-downtime swaps.
 
     ``resolve(ref) -> {name, version, path, card}`` comes from the registry. A ref
-    with an explicit version never changes; "name" and "name@alias" are re-resolved
-    at most every ``refresh_s``. When one moves, the new version loads in the
-    background while the old one keeps answering; then the ref switches over.
+    with an explicit version never moves; every ref is re-resolved at most every
+    ``refresh_s`` (a deleted version answers 404 from then on: ``forget``). When one
+    moves, the new version loads in the background while the old one keeps
+    answering; then the ref switches over.
     Beyond ``max_loaded`` versions the least recently used is dropped here and in the
     forward process, whatever refers to it: a client walking through every version
     costs loads, never memory.
@@ -77,7 +78,8 @@ class ModelCache:
         now = time.monotonic()
         with self._lock:
             entry = self._refs.get(ref)
-            fresh = entry is not None and (entry.pinned or now - entry.checked < self.refresh_s)
+            # a pinned ref (name:version) is re-resolved too: the version may have been deleted
+            fresh = entry is not None and now - entry.checked < self.refresh_s
             if entry is not None and not fresh:
                 entry.checked = now  # one thread re-resolves; the others keep the current version
             current = self._models.get(entry.key) if entry else None
@@ -86,6 +88,8 @@ class ModelCache:
         try:
             info = self._resolve(ref)
         except Exception as exc:
+            if current is not None and getattr(exc, "status", 500) == 404:
+                self.forget(current.name, current.version)  # deleted: never served from here again
             if current is None or getattr(exc, "status", 500) == 404:
                 raise
             log.warning("re-resolving %s failed (%s); still serving version %s", ref, exc, current.version)
@@ -162,6 +166,16 @@ class ModelCache:
         for ref in [ref for ref, r in self._refs.items() if r.key in gone and r.loading is None]:
             del self._refs[ref]  # its next request resolves and loads it again
         return out
+
+    def forget(self, name: str, version: int) -> None:
+        """Stop serving a (deleted) version: drop it and every ref to it here and in the forward process."""
+        key = (name, version)
+        with self._lock:
+            served = self._models.pop(key, None)
+            for ref in [ref for ref, r in self._refs.items() if r.key == key]:
+                del self._refs[ref]
+        if served is not None:
+            threading.Thread(target=self.forward.unload, args=(key,), name="kiln-unload", daemon=True).start()
 
     def loaded(self) -> list[tuple[str, int]]:
         """The versions this process serves now, least recently used first."""
