@@ -225,12 +225,6 @@ def wait_for_gpus(alloc: Allocator, engine, job: dict, worker: str, *, poll_s: f
 
 
 def reserve_for_job(ctx, job: dict) -> Reservation | str:
-    """worker.runner's call: the job's GPUs on this host (see ``wait_for_gpus``); a job this host can
-    never hold goes back to the queue through runner.Transient."""
-    alloc = host_allocator(ctx.settings)
-    try:
-        return wait_for_gpus(alloc, ctx.store.engine, job, ctx.worker_name)
-    except NeverFits as exc:
-        from worker.runner import Transient
-
-        raise Transient(str(exc), retry_in=NEVER_FITS_RETRY_S) from None
+    """worker.runner's call: the job's GPUs on this host (see ``wait_for_gpus``); NeverFits for a job
+    this host can never hold (the runner sends it back to the queue, retried in NEVER_FITS_RETRY_S)."""
+    return wait_for_gpus(host_allocator(ctx.settings), ctx.store.engine, job, ctx.worker_name)
