@@ -7,7 +7,11 @@ Traffic: /predict at concurrency 8 (a registered model trained first), a small t
 submitted every few seconds with every other one cancelled, a log follow of the newest job,
 and artifact listings and downloads of a finished job. A failed request is a 5xx, a connection
 error, or a 4xx other than an intended one (409 for a cancel that lost to the job's end); a lost
-job is one that has not reached a terminal state a minute after the traffic stopped.
+job is one that has not reached a terminal state a minute after the traffic stopped, and a wrong
+one ended otherwise than it should (not succeeded, or for a cancelled one neither cancelled nor
+succeeded). RSS "levels off" when each part's median over the last quarter of the run is within
+10% (or 50 MB) of its median over the second quarter. The exit status is 1 when any request
+failed, any job was lost or wrong, or an RSS kept growing.
 
 Measured for 2 minutes on a 2-core shared machine (`--minutes 2`): 40,005 /predict, 222 artifact
 listings and 222 best.pt downloads, 25 jobs submitted (12 cancels), 2 log follows; 0 failed
@@ -21,6 +25,7 @@ import collections
 import io
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import threading
@@ -73,6 +78,7 @@ class Soak:
         self.counts: collections.Counter = collections.Counter()
         self.failures: list[str] = []
         self.jobs: list[str] = []
+        self.cancelled: set[str] = set()
         self.lock = threading.Lock()
 
     def call(self, what: str, method: str, path: str, ok=(200, 201, 202), **kw):
@@ -106,6 +112,8 @@ class Soak:
             n += 1
             if n % 2 == 0:
                 time.sleep(1.5)
+                with self.lock:
+                    self.cancelled.add(job_id)
                 self.call("cancel", "POST", f"/v1/jobs/{job_id}/cancel", ok=(200, 202, 409))
 
     def follow(self) -> None:
@@ -144,12 +152,14 @@ def main() -> None:
         t0, end = time.monotonic(), time.monotonic() + args.minutes * 60
         print(f"{'t (s)':>6} " + " ".join(f"{k + ' MB':>11}" for k in ("web", "forward", "worker", "redis"))
               + "   requests")
+        samples: list[dict[str, float]] = []
         while True:
             by_kind: dict[str, float] = collections.defaultdict(float)
             for pid in run.tree() | {run.proc.pid}:
                 kind = kind_of(pid)
                 if kind:
                     by_kind[kind] += rss_mb(pid)
+            samples.append(dict(by_kind))
             print(f"{time.monotonic() - t0:6.0f} " + " ".join(f"{by_kind[k]:11.0f}" for k in
                   ("web", "forward", "worker", "redis")) + f"   {sum(soak.counts.values())}", flush=True)
             if time.monotonic() >= end:
@@ -163,13 +173,38 @@ def main() -> None:
         while lost and time.monotonic() < deadline:
             lost = [j for j in lost if run.job(j)["status"] not in TERMINAL]
             time.sleep(1)
+        ended = {j: run.job(j)["status"] for j in soak.jobs if j not in lost}
+        wrong = {j: st for j, st in ended.items()
+                 if st not in (("cancelled", "succeeded") if j in soak.cancelled else ("succeeded",))}
+        growing = rss_growth(samples)
         print(f"requests: {dict(soak.counts)}")
         print(f"failed requests: {len(soak.failures)}" + "".join(f"\n  {f}" for f in soak.failures[:20]))
-        print(f"jobs submitted: {len(soak.jobs)}, lost (not terminal a minute after): {len(lost)} {lost}")
+        print(f"jobs submitted: {len(soak.jobs)} ({len(soak.cancelled)} cancelled), ended "
+              f"{dict(collections.Counter(ended.values()))}; lost (not terminal a minute after): "
+              f"{len(lost)} {lost}; wrong outcome: {len(wrong)} {wrong}")
+        print("RSS levels off: " + ("yes" if not growing else f"no: {growing}"))
+        ok = not (soak.failures or lost or wrong or growing)
     finally:
         run.stop()
         if not os.environ.get("KILN_SOAK_KEEP"):
             shutil.rmtree(home.parent, ignore_errors=True)
+    sys.exit(0 if ok else 1)
+
+
+def rss_growth(samples: list[dict[str, float]]) -> dict[str, tuple[float, float]]:
+    """Parts whose median RSS over the last quarter of the samples is over 10% (and 50 MB) above
+    their median over the second quarter: (second quarter, last quarter) in MB. Too few samples
+    (under 8) judge nothing."""
+    if len(samples) < 8:
+        return {}
+    q = len(samples) // 4
+    out = {}
+    for kind in ("web", "forward", "worker", "redis"):
+        early = statistics.median(s.get(kind, 0.0) for s in samples[q:2 * q])
+        late = statistics.median(s.get(kind, 0.0) for s in samples[-q:])
+        if late > early * 1.10 and late - early > 50:
+            out[kind] = (round(early), round(late))
+    return out
 
 
 if __name__ == "__main__":

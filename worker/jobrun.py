@@ -133,7 +133,10 @@ def run_job(job: dict, ctx, owner: str, runner: Callable[["JobRun"], str], trans
             else:
                 log.error("job failed: %s", outcome.error)
         finally:
-            run.sync()
+            synced = run.sync()
+    if outcome.status and not synced and run.dir_sync is not None and not run.dir_sync.fenced_out:
+        # what the outcome stands on is not all in storage: run the attempt again from what is
+        outcome = Outcome(transient="the job directory could not be synced to storage at the end of the run")
     outcome.step = run.step
     return outcome
 
@@ -194,8 +197,10 @@ class JobRun:
                 log.warning("cancel check failed: %s", exc)
         return self._cancel
 
-    def sync(self) -> None:
+    def sync(self) -> bool:
         """Waits for the round in flight, then the last round: what changed is uploaded (remote
-        storage) and its sha256 recorded."""
-        if self.dir_sync is not None:
-            self.dir_sync.close()
+        storage) and its sha256 recorded; tried again through an outage for up to the lease timeout
+        (by then the pool process has ended this attempt). True when it went through."""
+        if self.dir_sync is None:
+            return False
+        return self.dir_sync.close(retry_for_s=self.ctx.settings.lease_timeout_s)

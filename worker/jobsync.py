@@ -130,11 +130,23 @@ class DirSync:
         except Exception as exc:  # the next round retries; the final one is waited for
             log.warning("syncing the job directory to storage failed: %s", exc)
 
-    def close(self) -> None:
-        """Stop the background thread (after its round in flight), then one last round here."""
+    def close(self, retry_for_s: float = 0.0) -> bool:
+        """Stop the background thread (after its round in flight), then one last round here, tried
+        again for up to ``retry_for_s`` while it fails for any reason but a refused fence (a store or
+        storage outage). True when the last round went through."""
         if self._thread is not None:
             self._stop = True
             self._want.set()
             self._thread.join()
             self._thread = None
-        self._guarded()
+        deadline = time.monotonic() + retry_for_s
+        while True:
+            try:
+                self.sync_now()
+                return True
+            except Exception as exc:
+                if self.fenced_out or time.monotonic() >= deadline:
+                    log.error("the last sync of the job directory failed: %s", exc)
+                    return False
+                log.warning("the last sync of the job directory failed (%s); trying again", exc)
+                time.sleep(0.5)

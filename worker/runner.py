@@ -203,7 +203,7 @@ def _record(job: dict, ctx: Context, owner: str, lease: Lease, outcome: Outcome)
         return "lease lost"
 
     def finish(status: str, reason: str, error: str | None = None) -> str:
-        if store.finish(job_id, owner, status, reason, error=error):
+        if _through_outage(lambda: store.finish(job_id, owner, status, reason, error=error), lease):
             return status
         log.warning("the outcome (%s) was refused: this attempt no longer holds the job's lease", status)
         return "lease lost"
@@ -213,8 +213,8 @@ def _record(job: dict, ctx: Context, owner: str, lease: Lease, outcome: Outcome)
     if outcome.transient or outcome.died:
         why = outcome.transient or outcome.died
         log.warning("job attempt ended: %s", why)
-        new = store.requeue_lost(job_id, f"{'transient error' if outcome.transient else 'job process lost'}: {why}",
-                                 owner=owner)
+        new = _through_outage(lambda: store.requeue_lost(
+            job_id, f"{'transient error' if outcome.transient else 'job process lost'}: {why}", owner=owner), lease)
         if new == "queued":
             raise Transient(why, retry_in=min(60.0, 5.0 * job["attempts"]))
         return f"ended: {new}" if new else "lease lost"
@@ -223,6 +223,23 @@ def _record(job: dict, ctx: Context, owner: str, lease: Lease, outcome: Outcome)
     if outcome.status == "stopped":
         return finish("cancelled", f"cancelled at step {outcome.step}; checkpoint written")
     return finish("succeeded", f"{outcome.status} after {outcome.step} steps")
+
+
+def _through_outage(write: Callable[[], object], lease: Lease, retry_s: float = 1.0):
+    """``write()``, tried again through a store outage for as long as the lease thread counts the
+    lease as ours (it gives up after the lease TTL without a heartbeat); None once it is lost. An
+    outcome that met an outage is recorded when the store is back, not left to the reconciler
+    (which would run the finished job again)."""
+    transient = transient_errors()
+    while True:
+        try:
+            return write()
+        except transient as exc:
+            if lease.lost.is_set() or not lease.is_alive():
+                log.warning("could not record the outcome before the lease ran out: %s", exc)
+                return None
+            log.warning("recording the outcome failed (%s); trying again", exc)
+            lease.lost.wait(retry_s)
 
 
 def run_train(run: JobRun) -> str:

@@ -1,5 +1,6 @@
 """Several Kiln hosts on one machine, for the multi-host test and benchmarks: a PostgreSQL
-(KILN_TEST_POSTGRES_URL, or a throwaway cluster as .ci/postgres.sh starts one), Redis over TCP
+(a throwaway cluster as .ci/postgres.sh starts one, which a test may restart; KILN_TEST_POSTGRES_URL
+where no PostgreSQL is installed), Redis over TCP
 with an append-only file, moto's S3 server, and web or worker "hosts", each a process group of
 its own with its own KILN_HOME and no shared disk. Nothing here runs in a production process.
 """
@@ -43,12 +44,20 @@ def _wait(check, what: str, timeout: float = 60.0, proc: subprocess.Popen | None
     raise TimeoutError(f"{what} not ready after {timeout:g} s")
 
 
+def _pg_bin() -> str:
+    """The directory of PostgreSQL's initdb and pg_ctl, or "" where none is installed."""
+    bins = sorted(Path("/usr/lib/postgresql").glob("*/bin")) if Path("/usr/lib/postgresql").exists() else []
+    pg_bin = str(bins[-1]) if bins else str(Path(shutil.which("initdb") or "/nonexistent/initdb").parent)
+    return pg_bin if (Path(pg_bin) / "initdb").exists() else ""
+
+
 class Postgres:
-    """A schema of its own in KILN_TEST_POSTGRES_URL's database, or in a cluster started here."""
+    """A schema of its own in a cluster started here (so that a test can restart the server), or in
+    KILN_TEST_POSTGRES_URL's database where no PostgreSQL binaries are installed (not restartable)."""
 
     def __init__(self, workdir: Path):
         self.workdir, self.cluster, self.schema = workdir, None, "kiln_topo_" + uuid.uuid4().hex[:10]
-        self.base = os.environ.get("KILN_TEST_POSTGRES_URL", "")
+        self.base = "" if _pg_bin() else os.environ.get("KILN_TEST_POSTGRES_URL", "")
 
     def start(self) -> str:
         if not self.base:
@@ -61,11 +70,10 @@ class Postgres:
         return f"{self.base}{sep}options=-csearch_path%3D{self.schema}"
 
     def _start_cluster(self) -> str:
-        bins = sorted(Path("/usr/lib/postgresql").glob("*/bin")) if Path("/usr/lib/postgresql").exists() else []
-        pg_bin = str(bins[-1]) if bins else str(Path(shutil.which("initdb") or "").parent)
-        if not (Path(pg_bin) / "initdb").exists():
-            raise RuntimeError("the multi-host test needs PostgreSQL: set KILN_TEST_POSTGRES_URL (.ci/run does) "
-                               "or install PostgreSQL (apt-get install postgresql)")
+        pg_bin = _pg_bin()
+        if not pg_bin:
+            raise RuntimeError("the multi-host test needs PostgreSQL: install it (apt-get install postgresql) "
+                               "or set KILN_TEST_POSTGRES_URL")
         data = Path(tempfile.mkdtemp(prefix="kiln-pg."))
         port = free_port()
         run_as = ["su", "postgres", "-c"] if os.geteuid() == 0 else ["bash", "-c"]
@@ -73,11 +81,36 @@ class Postgres:
             shutil.chown(data, "postgres")
         subprocess.run(run_as + [f"{pg_bin}/initdb -D {data}/data -A trust -U postgres"], check=True,
                        stdout=subprocess.DEVNULL)
+        self.cluster = (run_as, pg_bin, data, port)
+        self.start_server()
+        return f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+
+    @property
+    def restartable(self) -> bool:
+        return self.cluster is not None
+
+    def start_server(self) -> None:
+        run_as, pg_bin, data, port = self._own()
         subprocess.run(run_as + [f"{pg_bin}/pg_ctl -D {data}/data -o '-k {data} -p {port} -c "
                                  f"listen_addresses=127.0.0.1' -l {data}/log -w start"], check=True,
                        stdout=subprocess.DEVNULL)
-        self.cluster = (run_as, pg_bin, data)
-        return f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+
+    def stop_server(self) -> None:
+        """A fast shutdown: open connections are closed, new ones refused until ``start_server``."""
+        run_as, pg_bin, data, _ = self._own()
+        subprocess.run(run_as + [f"{pg_bin}/pg_ctl -D {data}/data -m fast -w stop"], check=True,
+                       stdout=subprocess.DEVNULL)
+
+    def restart(self, down_s: float = 0.0) -> None:
+        """Stop the server, leave it down for ``down_s`` seconds, start it again on the same port."""
+        self.stop_server()
+        time.sleep(down_s)
+        self.start_server()
+
+    def _own(self) -> tuple:
+        if self.cluster is None:
+            raise RuntimeError("only a PostgreSQL cluster started here can be stopped and restarted")
+        return self.cluster
 
     def stop(self) -> None:
         try:
@@ -87,7 +120,7 @@ class Postgres:
             engine.dispose()
         finally:
             if self.cluster:
-                run_as, pg_bin, data = self.cluster
+                run_as, pg_bin, data, _ = self.cluster
                 subprocess.run(run_as + [f"{pg_bin}/pg_ctl -D {data}/data -m fast stop"], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
                 shutil.rmtree(data, ignore_errors=True)

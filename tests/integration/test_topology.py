@@ -12,8 +12,10 @@ import pytest
 import requests
 
 from tests.integration.test_jobs_http import _digits_zip
+from worker.db import make_engine
 from worker.live import TINY
-from worker.topology import BUCKET, PREFIX, Cluster
+from worker.store import JobStore
+from worker.topology import BUCKET, FAST, PREFIX, Cluster
 
 pytestmark = pytest.mark.integration
 
@@ -150,3 +152,71 @@ def test_a_model_registered_on_the_web_host_is_served_from_the_bucket(cluster):
     assert r.status_code == 200, r.text
     answer = r.json()
     assert answer["model"]["name"] == "topo" and len(answer["predictions"]) == 1, answer
+
+
+def events(c: Cluster, job_id: str) -> list[str]:
+    return [e["to"] for e in JobStore(make_engine(c.hosts["web"].settings)).events(job_id)]
+
+
+def requests_while_the_store_is_down(c: Cluster, job_id: str, seconds: float) -> list[tuple]:
+    """Reads and a submit on the web host for ``seconds`` of the outage: (path, status, body, elapsed)."""
+    answers, deadline = [], time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for method, path, body in (("GET", f"/v1/jobs/{job_id}", None), ("GET", "/v1/jobs", None),
+                                   ("POST", "/v1/jobs", {"kind": "train", "config": config(1)})):
+            t0 = time.monotonic()
+            r = requests.request(method, c.hosts["web"].url(path), json=body, timeout=30)
+            answers.append((f"{method} {path}", r.status_code, r.json(), time.monotonic() - t0))
+        time.sleep(0.3)
+    return answers
+
+
+def store_outage(c: Cluster, job_id: str, down_s: float) -> None:
+    """Stop PostgreSQL for ``down_s`` seconds mid-run: every request in the outage is a quick 503 JSON
+    naming the store (not a 500, not a hang), and the web host answers again once it is back."""
+    if not c.pg.restartable:
+        pytest.skip("KILN_TEST_POSTGRES_URL's server cannot be restarted here: install PostgreSQL")
+    c.pg.stop_server()
+    try:
+        answers = requests_while_the_store_is_down(c, job_id, down_s)
+    finally:
+        c.pg.start_server()
+    assert answers
+    for what, status, body, elapsed in answers:
+        assert status == 503 and body["error"]["code"] == "store_unavailable", (what, status, body)
+        assert body["error"]["details"] == {"dependency": "store"} and elapsed < 10, (what, body, elapsed)
+    deadline = time.monotonic() + 30
+    while c.get(f"/v1/jobs/{job_id}").status_code != 200:
+        assert time.monotonic() < deadline, "the web host did not recover after PostgreSQL came back"
+        time.sleep(0.2)
+
+
+def test_postgres_restarted_mid_run_loses_no_job(cluster):
+    """An outage shorter than the lease: the running attempt keeps its job and ends it (attempts 1)."""
+    c = cluster
+    job = c.submit(config(6))
+    c.wait(job["id"], lambda j: (j["progress"]["epoch"] or 0) >= 1 and j["status"] == "running")
+    store_outage(c, job["id"], down_s=FAST["lease_timeout_s"] / 2)
+    done = c.wait(job["id"])
+    assert (done["status"], done["attempts"]) == ("succeeded", 1), done
+    assert events(c, job["id"]) == ["queued", "running", "succeeded"]
+    stored = c.bucket(job["id"])
+    assert {"checkpoints/last.pt", "checkpoints/best.pt", "train.log", "metrics.jsonl"} <= set(stored)
+    served_matches_bucket(c, job["id"])
+
+
+def test_postgres_down_past_the_lease_resumes_the_job_once(cluster):
+    """An outage longer than the lease: the running attempt cannot renew it, so it ends its job process
+    (another worker may hold the job by now); once the store is back the job is requeued and resumes
+    from its bucket checkpoint, attempts 2, and the first attempt records nothing more."""
+    c = cluster
+    job = c.submit({**config(12), "data": {**TINY["data"], "subset": 600}})
+    c.wait(job["id"], lambda j: (j["progress"]["epoch"] or 0) >= 1 and j["status"] == "running"
+           and "checkpoints/last.pt" in c.bucket(j["id"]))
+    store_outage(c, job["id"], down_s=FAST["lease_timeout_s"] + 3)
+    done = c.wait(job["id"])
+    assert (done["status"], done["attempts"]) == ("succeeded", 2), done
+    assert events(c, job["id"]) == ["queued", "running", "queued", "running", "succeeded"]
+    log = c.bucket(job["id"])["train.log"].decode()
+    assert log.lower().count("resuming from checkpoint") == 1, log[-2000:]
+    served_matches_bucket(c, job["id"])
