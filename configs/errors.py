@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 MAX_ERRORS = 100  # a body with thousands of unknown keys gets this many details, then a count
 
@@ -66,6 +66,9 @@ def _key(item: Any) -> str:
 
 
 def _fields(cls: Any) -> dict[str, Any]:
+    branches = [a for a in get_args(cls) if a is not type(None)]
+    if len(branches) == 1 and dataclasses.is_dataclass(branches[0]):  # an optional section (training.profile)
+        cls = branches[0]
     return {f.name: f.type for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
 
 

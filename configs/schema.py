@@ -129,8 +129,7 @@ class TrainingConfig:
     device: Device = f("auto", "auto, cpu, mps, cuda or cuda:N (N <= 63)")
     processes: Union[integer(1, 64), Auto] = f(1, "ranks on one host, one per GPU; auto = one per visible GPU")
     profile: Optional[ProfileConfig] = f(None, "record a torch.profiler trace of a few steps; null: off")
-    grad_alert: Optional[GradAlertConfig] = Field(default_factory=GradAlertConfig,
-                                                  description="gradient norm alerts per layer; null: off")
+    grad_alert: Optional[GradAlertConfig] = f(GradAlertConfig(), "gradient norm alerts per layer; null: off")
 
 
 GATE_METRICS = ("val_accuracy", "val_loss")  # what a job's best metrics hold (ml.train's run.best)
