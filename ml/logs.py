@@ -182,6 +182,7 @@ class StepProfiler:
         from torch.profiler import ProfilerActivity, profile, schedule
 
         self.steps, self.path, self.log, self.done = steps, out_dir / "profile" / "trace.json", logger, False
+        self.calls = 0
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         self.prof = profile(activities=activities, on_trace_ready=self._ready,
                             schedule=schedule(wait=0, warmup=self.WARMUP, active=steps, repeat=1))
@@ -191,6 +192,7 @@ class StepProfiler:
     def step(self) -> None:
         """Call after each optimizer step."""
         if not self.done:
+            self.calls += 1
             self.prof.step()
 
     def _ready(self, prof) -> None:
@@ -200,7 +202,8 @@ class StepProfiler:
         prof.export_chrome_trace(str(tmp))
         tmp.replace(self.path)
         table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=self.TOP)
-        self.log.info("profile: trace of %d steps in %s; top %d operators by self CPU time:\n%s", self.steps,
+        recorded = min(self.steps, self.calls - self.WARMUP)  # fewer when the run ended first
+        self.log.info("profile: trace of %d steps in %s; top %d operators by self CPU time:\n%s", recorded,
                       self.path.relative_to(self.path.parents[1]), self.TOP, table)
 
     def close(self) -> None:
