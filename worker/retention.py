@@ -76,8 +76,18 @@ def delete_job(engine, storage, job_id: str) -> dict:
 
 
 def _delete_prefix(storage, prefix: str) -> int:
-    """Remove every object under ``prefix``; returns how many there were."""
-    count = len(storage.list(prefix, checksums=False)) if storage.exists(prefix) else 0
+    """Remove every object under ``prefix``; returns how many there were (a concurrent sweep may remove
+    some of them first: what is gone is not an error)."""
+    try:
+        count = len(storage.list(prefix, checksums=False)) if storage.exists(prefix) else 0
+    except Exception:  # noqa: BLE001 - changing under us (a sweep): removed below all the same
+        count = 0
+    for _ in range(3):
+        try:
+            storage.delete(prefix)
+            return count
+        except FileNotFoundError:
+            continue
     storage.delete(prefix)
     return count
 
@@ -201,7 +211,7 @@ def remove_orphans(engine, storage) -> list[str]:
         known = set(conn.execute(sa.select(J.c.id).where(J.c.id.in_(ids))).scalars())
     orphans = [i for i in ids if i not in known]
     for job_id in orphans:
-        storage.delete(f"jobs/{job_id}")
+        _delete_prefix(storage, f"jobs/{job_id}")
     return orphans
 
 
