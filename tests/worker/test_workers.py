@@ -134,6 +134,7 @@ def test_submit_with_no_live_worker_is_accepted_with_a_pending_reason(client):
     assert r.status_code == 202, r.get_json()
     row = app.extensions["kiln"].store.get(r.get_json()["id"])
     assert row["pending_reason"].startswith("no live worker has 2 GPUs")
+    assert r.get_json()["queue"]["reason"] == row["pending_reason"]  # what the job JSON shows
 
 
 def test_submit_refuses_a_batch_that_does_not_split_across_processes(client):
