@@ -41,7 +41,7 @@ function emptyChart(svg, message) {
 
 function drawOverlay(svg, series, opts) {
   opts = opts || {};
-  const pad = {l: 52, r: 16, t: 14, b: 34};
+  const pad = {l: 52, r: 16, t: 24, b: 34};
   const all = [];
   let n = 0;
   for (const s of series) {
@@ -56,7 +56,7 @@ function drawOverlay(svg, series, opts) {
   const step = Math.max(1, Math.ceil(n / 12));
   for (let i = 0; i < n; i += step) axis.append(svgEl("text", {x: xs(i), y: H - pad.b + 16, "text-anchor": "middle"}, i + 1));
   axis.append(svgEl("text", {x: (W + pad.l) / 2, y: H - 4, "text-anchor": "middle"}, "epoch"));
-  if (opts.label) axis.append(svgEl("text", {x: pad.l, y: pad.t - 2}, opts.label));
+  if (opts.label) axis.append(svgEl("text", {x: pad.l + 4, y: 12}, opts.label));
   svg.append(axis);
   let points = 0;
   for (const s of series) {
@@ -82,7 +82,7 @@ function drawOverlay(svg, series, opts) {
 
 function drawScatter(svg, points, opts) {
   opts = opts || {};
-  const pad = {l: 52, r: 16, t: 14, b: 34};
+  const pad = {l: 52, r: 16, t: 24, b: 34};
   const ok = points.filter(p => typeof p.x === "number" && isFinite(p.x) && typeof p.y === "number" && isFinite(p.y) &&
                                 (!opts.logX || p.x > 0));
   if (!ok.length) { emptyChart(svg, "no finished trial with this hyper-parameter and metric yet"); return; }
@@ -101,7 +101,7 @@ function drawScatter(svg, points, opts) {
   }
   axis.append(svgEl("text", {x: (W + pad.l) / 2, y: H - 4, "text-anchor": "middle"},
                     (opts.xLabel || "") + (opts.logX ? " (log scale)" : "")));
-  if (opts.yLabel) axis.append(svgEl("text", {x: pad.l, y: pad.t - 2}, opts.yLabel));
+  if (opts.yLabel) axis.append(svgEl("text", {x: pad.l + 4, y: 12}, opts.yLabel));
   svg.append(axis);
   for (const p of ok) {
     const dot = svgEl("circle", {class: "trial" + (p.best ? " best" : "") + (p.stopped ? " stopped" : ""),
