@@ -147,6 +147,24 @@ def cmd_submit(c: Client, a) -> int:
     return report_final(follow_job(c, job["id"]))
 
 
+def rerun_body(job: dict) -> dict:
+    """The POST /v1/jobs body that submits ``job`` again: its kind, its stored (fully resolved) config
+    and its priority when the server records one."""
+    body = {"kind": job["kind"], "config": job["config"]}
+    if job.get("priority") is not None:
+        body["priority"] = job["priority"]
+    return body
+
+
+def cmd_rerun(c: Client, a) -> int:
+    job = c.json("GET", f"/v1/jobs/{a.id}")
+    new = c.json("POST", "/v1/jobs", json=rerun_body(job))
+    print(new["id"] if a.quiet else f"submitted {new['kind']} job {new['id']} ({new['status']}), a rerun of {a.id}")
+    if not a.follow:
+        return 0
+    return report_final(follow_job(c, new["id"]))
+
+
 def cmd_jobs(c: Client, a) -> int:
     params = {k: v for k, v in (("status", a.status), ("kind", a.kind), ("limit", a.limit)) if v}
     data = c.json("GET", "/v1/jobs", params=params)
@@ -288,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
          (["--set"], {"action": "append", "metavar": "KEY=VALUE", "help": "override a config value"}),
          (["--kind"], {"choices": ("train", "predict"), "default": "train"}),
          (["--follow", "-f"], {"action": "store_true", "help": "show progress until the job ends"}))
+    _add(sub, "rerun", cmd_rerun, "submit a job again with the same config (and priority)", job_id,
+         (["--follow", "-f"], {"action": "store_true", "help": "show progress until the new job ends"}),
+         (["--quiet", "-q"], {"action": "store_true", "help": "print only the new job's id"}))
     _add(sub, "jobs", cmd_jobs, "list jobs", (["--status"], {}), (["--kind"], {}),
          (["--limit"], {"type": int, "default": 20}))
     _add(sub, "status", cmd_status, "show a job", job_id, (["--json"], {"action": "store_true"}))
