@@ -171,8 +171,8 @@ def _job_location(job: dict) -> str:
 def submit():
     """Validate a job config and queue it.
 
-    ``priority`` (0-9, default 0; higher runs first, then first-come) comes from the body or, for a
-    bare YAML config, from ``?priority=``. An ``Idempotency-Key`` header makes a repeat of the same
+    ``priority`` (0-9, default 0; higher runs first, then first-come) comes from the body or, when the
+    body gives none (a bare YAML config cannot), from ``?priority=``. An ``Idempotency-Key`` header makes a repeat of the same
     request (same body and content type, same caller) answer the first job instead of a new one.
     """
     _check_media_type()
@@ -182,12 +182,8 @@ def submit():
     def answer() -> Response:
         data = _read_body(raw)
         kind, config = validate_job(data)
-        priority = query["priority"]
-        if isinstance(data, dict) and "priority" in data:
-            if "priority" in request.args and int(data["priority"]) != query["priority"]:
-                raise InvalidInput("priority is given twice, in the body and in ?priority=, with different "
-                                   "values; give it once", [{"field": "priority", "message": "given twice"}])
-            priority = int(data["priority"])
+        # the body's priority when it gives one (JSON, or a YAML document), else ?priority= (default 0)
+        priority = int(data["priority"]) if isinstance(data, dict) and "priority" in data else query["priority"]
         job = kiln().submit_job(kind, config, priority=priority)
         resp = jsonify(job)
         resp.status_code = 202
@@ -202,10 +198,10 @@ def submit():
 @doc(query=JOB_QUERY, responses={200: ("a page of jobs, newest first", "JobPage"),
                                  400: "bad filter or pagination"})
 def list_jobs():
-    """List jobs, filtered by status and kind, paginated by limit and offset."""
+    """List jobs, filtered by status, kind and parent (a sweep's trials), paginated by limit and offset."""
     q = parse_query(JOB_QUERY, request.args, max_limit=settings().page_size_max)
     return jsonify(kiln().list_jobs(status=q.get("status"), kind=q.get("kind"),
-                                     limit=q["limit"], offset=q["offset"]))
+                                     limit=q["limit"], offset=q["offset"], parent=q.get("parent")))
 
 
 @bp.get("/<job_id>")

@@ -23,8 +23,8 @@ from worker.protocol import PRIORITY_MAX, PRIORITY_MIN
 PRIORITY = {"type": "integer", "minimum": PRIORITY_MIN, "maximum": PRIORITY_MAX, "default": PRIORITY_MIN,
             "description": f"{PRIORITY_MIN} (default) to {PRIORITY_MAX}: higher runs first, then first-come"}
 SUBMIT_QUERY = {"type": "object", "properties": {"priority": {
-    **PRIORITY, "description": "the job's priority (higher first) when the body does not give one "
-                              "(a bare YAML config cannot)"}}}
+    **PRIORITY, "description": "the job's priority (higher first) unless the body gives one "
+                              "(which wins; a bare YAML config cannot)"}}}
 JOB_SUBMISSION = {
     "type": "object", "additionalProperties": False, "required": ["config"],
     "properties": {
