@@ -172,8 +172,9 @@ def submit():
     """Validate a job config and queue it.
 
     ``priority`` (0-9, default 0; higher runs first, then first-come) comes from the body or, when the
-    body gives none (a bare YAML config cannot), from ``?priority=``. An ``Idempotency-Key`` header makes a repeat of the same
-    request (same body and content type, same caller) answer the first job instead of a new one.
+    body gives none (a bare YAML config cannot), from ``?priority=``. An ``Idempotency-Key`` header
+    makes a repeat of the same request (same body and content type, same caller) answer the first job
+    instead of a new one.
     """
     _check_media_type()
     query = parse_query(SUBMIT_QUERY, request.args)  # 400 for a bad ?priority=, whatever the body
@@ -198,10 +199,10 @@ def submit():
 @doc(query=JOB_QUERY, responses={200: ("a page of jobs, newest first", "JobPage"),
                                  400: "bad filter or pagination"})
 def list_jobs():
-    """List jobs, filtered by status, kind and parent (a sweep's trials), paginated by limit and offset."""
+    """List jobs, filtered by status and kind, paginated by limit and offset."""
     q = parse_query(JOB_QUERY, request.args, max_limit=settings().page_size_max)
     return jsonify(kiln().list_jobs(status=q.get("status"), kind=q.get("kind"),
-                                     limit=q["limit"], offset=q["offset"], parent=q.get("parent")))
+                                     limit=q["limit"], offset=q["offset"]))
 
 
 @bp.get("/<job_id>")
