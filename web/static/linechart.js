@@ -1,6 +1,8 @@
 // A small line chart drawn on a <canvas>: no library, no build step.
-// drawLineChart(canvas, [{name, color, values: [number|null, ...]}], {yMin, yMax})
+// drawLineChart(canvas, [{name, color, values: [number|null, ...]}], {yMin, yMax, markers})
 // x is the epoch (1-based index into values). Sets canvas.dataset.points to the points drawn.
+// markers: a count per epoch (e.g. the metrics series grad_alerts); each epoch with a count > 0 gets
+// a red triangle above the plot, and canvas.dataset.markers says how many epochs got one.
 "use strict";
 
 function drawLineChart(canvas, series, opts) {
@@ -57,4 +59,16 @@ function drawLineChart(canvas, series, opts) {
     ctx.fillText(s.name, legendX + 14, 12);
     legendX += 24 + ctx.measureText(s.name).width;
   }
+  drawMarkers(ctx, opts.markers, xs, pad.t, legendX);
+  canvas.dataset.markers = String((opts.markers || []).filter(c => typeof c === "number" && c > 0).length);
+}
+
+function drawMarkers(ctx, counts, xs, top, legendX) {
+  if (!counts || !counts.some(c => typeof c === "number" && c > 0)) return;
+  ctx.fillStyle = "#e03131";
+  const tri = (x, y) => { ctx.beginPath(); ctx.moveTo(x - 4, y - 4); ctx.lineTo(x + 4, y - 4); ctx.lineTo(x, y + 2); ctx.fill(); };
+  counts.forEach((c, i) => { if (typeof c === "number" && c > 0) tri(xs(i), top - 2); });
+  tri(legendX + 5, 10);
+  ctx.fillStyle = "#1d2330";
+  ctx.fillText("gradient alerts", legendX + 14, 12);
 }
