@@ -420,4 +420,8 @@ def test_compare_view_shows_a_sweep(open_view, api, live_service):
     assert page.eval_on_selector("#sweep-param", "e => e.value") == "training.lr"
     assert "log scale" in page.eval_on_selector("#sweep-scatter", "e => e.textContent")
     assert "2 of 2 trials" in page.inner_text("#sweep-summary")
+    best = api.get(f"{url}/v1/jobs/{sweep_id}", timeout=30).json().get("sweep", {}).get("best")
+    if best:  # the server names the best trial: the page marks that one
+        assert page.get_attribute("#sweep-scatter circle.trial.best", "data-job") == best["id"]
+    page.eval_on_selector("#sweep-card", "e => e.scrollIntoView()")
     shoot(page, "sweep")

@@ -508,7 +508,14 @@ async function loadSweep(id) {
   const page = await getJSON("/v1/jobs?parent=" + encodeURIComponent(id) + "&limit=200");
   if (state.sweep !== id) return;
   state.sweepJob = sweep;
-  state.trials = (page.jobs || []).filter(j => j.parent === id);  // a server without ?parent= lists every job
+  let trials = (page.jobs || []).filter(j => j.parent === id);  // a server without ?parent= lists every job
+  const summary = sweep.sweep;  // the server's view of its trials: values drawn, metric, stopped, best
+  if (summary && Array.isArray(summary.trials)) {
+    const byId = new Map(trials.map(t => [t.id, t]));
+    trials = summary.trials.map(s => Object.assign({id: s.id, status: s.status, parent: id, config: null, metrics: {}},
+      byId.get(s.id) || {}, {stopped: !!s.stopped, drawn: s.values || {}, sweepMetric: s.metric}));
+  }
+  state.trials = trials;
   const cfg = sweep.config || {};
   const params = Object.keys(cfg.space || {});
   setOptions($("sweep-param"), params.map(p => ({value: p, label: p})), "(no search space)");
@@ -521,6 +528,8 @@ async function loadSweep(id) {
 }
 
 function trialMetric(trial, metric) {
+  const cfg = (state.sweepJob || {}).config || {};
+  if (metric === (cfg.metric || "val_accuracy") && typeof trial.sweepMetric === "number") return trial.sweepMetric;
   const m = trial.metrics || {};
   const best = (m.best || {})[metric];
   return typeof best === "number" ? best : (m.latest || {})[metric];
@@ -533,20 +542,23 @@ function drawSweep() {
   const metric = $("compare-metric").value, param = $("sweep-param").value;
   const lower = cfg.mode === "min" || (!cfg.mode && metric.includes("loss"));
   const scored = state.trials.filter(t => typeof trialMetric(t, metric) === "number");
-  const best = scored.reduce((b, t) => !b || (lower ? trialMetric(t, metric) < trialMetric(b, metric)
+  const summary = sweep.sweep || {};
+  const serverBest = summary.best && summary.metric === metric ? state.trials.find(t => t.id === summary.best.id) : null;
+  const best = serverBest || scored.reduce((b, t) => !b || (lower ? trialMetric(t, metric) < trialMetric(b, metric)
                                                     : trialMetric(t, metric) > trialMetric(b, metric)) ? t : b, null);
-  const stopped = t => t.status === "stopped" || t.status === "cancelled" || !!t.stopped;
+  const stopped = t => t.stopped === true || (t.stopped === undefined && t.status === "cancelled");
+  const drawn = (t, key) => t.drawn && key in t.drawn ? t.drawn[key] : getPath(t.config, key);
   const points = state.trials.map((t, i) => ({
-    x: Number(getPath(t.config, param)), y: trialMetric(t, metric), job: t.id, best: t === best, stopped: stopped(t),
+    x: Number(drawn(t, param)), y: trialMetric(t, metric), job: t.id, best: t === best, stopped: stopped(t),
     color: PALETTE[i % PALETTE.length],
-    title: short(t.id) + " · " + param + " = " + getPath(t.config, param) + " · " + metric + " " + fmtNum(trialMetric(t, metric)) +
+    title: short(t.id) + " · " + param + " = " + drawn(t, param) + " · " + metric + " " + fmtNum(trialMetric(t, metric)) +
            " · " + t.status}));
   const space = (cfg.space || {})[param] || {};
   drawScatter($("sweep-scatter"), points, {xLabel: param, yLabel: metric, logX: "log_uniform" in space});
   $("sweep-summary").textContent = (cfg.method || "?") + " search · " + state.trials.length + " of " + (cfg.trials ?? "?") +
     " trials · " + state.trials.filter(stopped).length + " stopped · " + metric + " (" + (lower ? "lower" : "higher") +
     " is better)" + (best ? " · best " + short(best.id) + " at " + fmtNum(trialMetric(best, metric)) + " with " +
-    Object.keys(cfg.space || {}).map(k => k + " = " + getPath(best.config, k)).join(", ") : "");
+    Object.keys(cfg.space || {}).map(k => k + " = " + drawn(best, k)).join(", ") : "");
   $("sweep-caption").textContent = "one point per trial: filled = ran to the end, hollow = stopped early, large = best";
 }
 

@@ -87,7 +87,8 @@ function drawScatter(svg, points, opts) {
                                 (!opts.logX || p.x > 0));
   if (!ok.length) { emptyChart(svg, "no finished trial with this hyper-parameter and metric yet"); return; }
   svg.replaceChildren();
-  const {W, H, ys} = chartFrame(svg, Math.min(...ok.map(p => p.y)), Math.max(...ok.map(p => p.y)), pad);
+  const yLo = Math.min(...ok.map(p => p.y)), yHi = Math.max(...ok.map(p => p.y)), ySpan = (yHi - yLo) || 1;
+  const {W, H, ys} = chartFrame(svg, yLo - ySpan * 0.08, yHi + ySpan * 0.08, pad);  // no point on the frame
   const tx = opts.logX ? Math.log10 : (v => v);
   let lo = Math.min(...ok.map(p => tx(p.x))), hi = Math.max(...ok.map(p => tx(p.x)));
   if (hi - lo < 1e-12) { lo -= 0.5; hi += 0.5; }
