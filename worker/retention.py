@@ -184,7 +184,10 @@ def sweep_expired(engine, storage, ttl_days: float, *, now=None, limit: int = 10
                 .order_by(J.c.finished_at).limit(limit)))
         for row in rows:
             objects = _delete_prefix(storage, f"jobs/{row.id}")
-            with engine.begin() as conn:
+            with engine.begin() as conn:  # several workers sweep: one event per job
+                if conn.execute(sa.select(E.c.id).where(E.c.job_id == row.id, E.c.reason.like(
+                        f"{EXPIRED_REASON}%")).limit(1)).first() is not None:
+                    continue
                 conn.execute(E.insert().values(
                     job_id=row.id, from_status=row.status, to_status=row.status, at=utcnow(),
                     reason=f"{EXPIRED_REASON}: {objects} stored object(s) removed, {ttl_days:g} days after the "
