@@ -88,7 +88,8 @@ def _start_reconciler(sender=None, **_):
                                       **retention_sweep(settings, engine=ctx.store.engine, storage=ctx.storage)},
                              settings.reconcile_every_s)
     _reconciler.start()
-    _advertiser = Advertiser(ctx.store.engine, WORKER_NAME, GPUS, CONCURRENCY, lambda: len(ALLOCATOR.free_ids()),
+    slots = getattr(getattr(sender, "controller", None), "concurrency", None) or CONCURRENCY  # --concurrency wins
+    _advertiser = Advertiser(ctx.store.engine, WORKER_NAME, GPUS, slots, lambda: len(ALLOCATOR.free_ids()),
                              settings.heartbeat_s, info={"torch": torch.__version__, "cuda": torch.version.cuda})
     _advertiser.start()
     log.info("worker ready: %d process(es), GPUs %s, reconcile every %ss", CONCURRENCY, GPUS or "none",
