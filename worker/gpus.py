@@ -12,7 +12,8 @@ While too few GPUs are free the pool child waits (polling each ``poll_s``), writ
 row (``jobs.pending_reason``, e.g. "waiting for 2 free GPUs on worker gpu-node-1 (1 free)") and
 stops waiting when the job is cancelled or another worker takes it. A job that needs more GPUs
 than this host has is handed back to the queue (a retry in ``NEVER_FITS_RETRY_S``) with a reason
-naming both counts, so a larger worker can take it.
+naming both counts, so a larger worker can take it; so is a waiting job while another live worker
+advertises enough free GPUs for it (worker.workers), instead of waiting behind this busy host.
 
 Several Celery workers on one host share the lock folder (the same KILN_HOME), so they share the
 GPUs correctly too. The reservation is all-or-nothing: one host-wide lock file serialises the
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 log = logging.getLogger("kiln.worker")
-NEVER_FITS_RETRY_S = 30.0
+NEVER_FITS_RETRY_S = 10.0
 NOTE_EVERY_S = 5.0  # a waiting job's pending reason (and its "in a worker's hands" mark) is refreshed this often
 
 
@@ -181,18 +182,32 @@ def host_allocator(settings) -> Allocator:
     return _hosts[key]
 
 
-class NeverFits(Exception):
+class Requeue(Exception):
+    """The job goes back to the queue (runner.Transient: a new message in ``retry_in`` s) for
+    another worker to take; the pending reason says why."""
+    retry_in = 1.0
+
+
+class NeverFits(Requeue):
     """The job needs more GPUs than this host has."""
+    retry_in = NEVER_FITS_RETRY_S
+
+
+class HandBack(Requeue):
+    """Another live worker advertises enough free GPUs for the job while this host has too few."""
+    retry_in = 1.0
 
 
 def wait_for_gpus(alloc: Allocator, engine, job: dict, worker: str, *, poll_s: float = 1.0,
                   note_every_s: float = NOTE_EVERY_S, sleep: Callable[[float], None] = time.sleep,
-                  ) -> Reservation | str:
+                  live_within_s: float = 120.0) -> Reservation | str:
     """Reserve the GPUs ``job`` (a job row) needs on this host, waiting while too few are free.
 
     Returns the Reservation, or a string saying why no longer to wait ("dropped: cancelled",
     "dropped: leased": another worker took the job). While waiting, the job row's pending reason
-    says what it waits for. Raises NeverFits when this host can never hold the job.
+    says what it waits for. Raises NeverFits when this host can never hold the job, and HandBack
+    when another live worker advertises enough free GPUs (checked each ``note_every_s``): the
+    message goes back to the queue, where that worker can take it, instead of waiting here.
     """
     from worker import workers
 
@@ -219,12 +234,22 @@ def wait_for_gpus(alloc: Allocator, engine, job: dict, worker: str, *, poll_s: f
         if reason != noted or now - noted_at >= note_every_s:
             if noted is None:
                 log.info("job %s %s", job["id"], reason)
+            if noted is None or now - noted_at >= note_every_s:
+                other = workers.other_worker_with_free_gpus(engine, worker, need, live_within_s)
+                if other is not None:
+                    reason = f"{reason}; handed back to the queue: worker {other} has {_plural(need)} free"
+                    workers.set_pending_reason(engine, job["id"], reason)
+                    raise HandBack(reason)
             workers.set_pending_reason(engine, job["id"], reason)
             noted, noted_at = reason, now
         sleep(poll_s)
 
 
 def reserve_for_job(ctx, job: dict) -> Reservation | str:
-    """worker.runner's call: the job's GPUs on this host (see ``wait_for_gpus``); NeverFits for a job
-    this host can never hold (the runner sends it back to the queue, retried in NEVER_FITS_RETRY_S)."""
-    return wait_for_gpus(host_allocator(ctx.settings), ctx.store.engine, job, ctx.worker_name)
+    """worker.runner's call: the job's GPUs on this host (see ``wait_for_gpus``); Requeue for a job
+    this host can never hold, or one another worker can run now (the runner sends it back to the
+    queue, retried in ``exc.retry_in`` s)."""
+    from worker.workers import live_within_s
+
+    return wait_for_gpus(host_allocator(ctx.settings), ctx.store.engine, job, ctx.worker_name,
+                         live_within_s=live_within_s(ctx.settings))

@@ -118,8 +118,8 @@ def execute(job_id: str, ctx: Context, runners: dict[str, Runner] | None = None)
             return f"dropped: {row['status']}"
         try:
             reserved = gpus.reserve_for_job(ctx, row)  # the job's GPUs on this host; waits while too few are free
-        except gpus.NeverFits as exc:  # more GPUs than this host has: back to the queue for a larger worker
-            raise Transient(str(exc), retry_in=gpus.NEVER_FITS_RETRY_S) from None
+        except gpus.Requeue as exc:  # too few GPUs here, another worker may run it: back to the queue
+            raise Transient(str(exc), retry_in=exc.retry_in) from None
         if isinstance(reserved, str):
             return reserved  # the job was cancelled or another worker took it while we waited
         if not store.acquire_lease(job_id, owner, s.lease_timeout_s):

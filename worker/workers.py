@@ -76,6 +76,15 @@ def list_workers(engine: sa.Engine, live_within: float, now: datetime | None = N
     return out
 
 
+def other_worker_with_free_gpus(engine: sa.Engine, me: str, need: int, live_within: float) -> str | None:
+    """The name of a live worker other than ``me`` that advertises at least ``need`` free GPUs."""
+    cutoff = utcnow() - timedelta(seconds=live_within)
+    with engine.connect() as conn:
+        return conn.execute(sa.select(W.c.name).where(W.c.name != me, W.c.free_gpus >= need, W.c.gpus > 0,
+                                                      W.c.heartbeat_at >= cutoff)
+                            .order_by(W.c.free_gpus.desc(), W.c.name).limit(1)).scalar()
+
+
 # ------------------------------------------------------------------ submit
 
 def requested_gpus(kind: str, config: dict) -> int | None:

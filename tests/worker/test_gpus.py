@@ -14,7 +14,8 @@ import time
 import pytest
 
 from worker import gpus, jobproc
-from worker.gpus import Allocator, NeverFits, gpus_needed, wait_for_gpus
+from worker.gpus import Allocator, HandBack, NeverFits, gpus_needed, wait_for_gpus
+from worker.workers import advertise
 from worker.jobproc import Outcome
 from worker.runner import Context, Transient, execute
 from worker.storage import Storage
@@ -190,6 +191,30 @@ def test_a_job_larger_than_the_host_goes_back_with_a_reason(alloc, store, db_set
     with pytest.raises(Transient):  # the task retries later; any worker may take the new message
         execute(job["id"], ctx, {"train": lambda run: "completed"})
     assert store.get(job["id"])["status"] == "queued" and store.get(job["id"])["lease_owner"] is None
+
+
+def test_a_waiting_job_is_handed_back_when_another_worker_has_free_gpus(alloc, store):
+    """Rather than wait behind a busy host, the message goes back to the queue for the idle worker."""
+    held = alloc.try_reserve(4)
+    job = new_job(store, train(2))
+    advertise(store.engine, "gpu-node-1", hostname="h1", gpus=4, free_gpus=0, slots=4)  # this host
+    advertise(store.engine, "gpu-node-2", hostname="h2", gpus=2, free_gpus=1, slots=2)  # too few free
+    advertise(store.engine, "cpu-node", hostname="h3", gpus=0, free_gpus=0, slots=1)
+    sleeps = []
+
+    def sleep(_):
+        sleeps.append(1)
+        if len(sleeps) == 2:
+            advertise(store.engine, "gpu-node-2", hostname="h2", gpus=2, free_gpus=2, slots=2)
+
+    with pytest.raises(HandBack) as info:
+        wait_for_gpus(alloc, store.engine, store.get(job["id"]), "gpu-node-1", poll_s=0, note_every_s=0, sleep=sleep)
+    assert len(sleeps) == 2  # kept waiting while no other worker had 2 free GPUs
+    assert reason_of(store, job["id"]) == str(info.value) == (
+        "waiting for 2 free GPUs on worker gpu-node-1 (0 free); handed back to the queue: worker gpu-node-2 "
+        "has 2 GPUs free")
+    assert info.value.retry_in <= 1.0
+    held.release()
 
 
 def test_the_job_process_gets_the_reserved_gpus():
