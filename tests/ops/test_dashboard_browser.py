@@ -379,15 +379,21 @@ def test_delete_from_the_dashboard(open_view, api, live_service, two_runs):
         versions = [v["version"] for v in api.get(f"{url}/v1/models/cmp", timeout=30).json()["versions"]]
         assert versions == [2]
 
-    # a finished job
+    # a job: refused (409, the server's message) while queued or running; gone once cancelled
     resp = api.post(f"{url}/v1/jobs", json={"kind": "train", "config": {**SMOKE, "training": {"epochs": 200}}},
                     timeout=30)
     victim = resp.json()["id"]
-    api.post(f"{url}/v1/jobs/{victim}/cancel", timeout=30)
-    assert wait_job(api, url, victim, timeout=120)["status"] == "cancelled"
     page.click("#tab-jobs")
     page.click(f"tr[data-job='{victim}']", timeout=15_000)
     page.wait_for_function(f"document.getElementById('job-id').textContent === {victim!r}")
+    confirm(page, "#delete-job")
+    page.wait_for_function("document.getElementById('confirm-error').textContent.length > 0", timeout=15_000)
+    assert "cancel" in page.inner_text("#confirm-error").lower()
+    page.click("#confirm-no")
+    assert api.get(f"{url}/v1/jobs/{victim}", timeout=30).status_code == 200
+    page.click("#cancel")
+    assert wait_job(api, url, victim, timeout=120)["status"] == "cancelled"
+    page.wait_for_selector("#retry:not([hidden])", timeout=15_000)  # a cancelled job can be retried
     confirm(page, "#delete-job")
     page.wait_for_selector("#job", state="hidden", timeout=15_000)
     page.wait_for_selector(f"tr[data-job='{victim}']", state="detached", timeout=15_000)
@@ -408,10 +414,11 @@ def test_compare_view_shows_a_sweep(open_view, api, live_service):
     trials = [j for j in api.get(f"{url}/v1/jobs?parent={sweep_id}&limit=200", timeout=30).json()["jobs"]
               if j.get("parent") == sweep_id]
     assert len(trials) == 2
-    page = open_view("compare")
-    page.wait_for_selector(f"#compare-sweep option[value='{sweep_id}']", state="attached", timeout=15_000)
-    page.select_option("#compare-sweep", sweep_id)
-    page.wait_for_selector("#sweep-card:not([hidden])", timeout=15_000)
+    page = open_view("jobs")  # the sweep's row opens it; "Compare trials" shows them in the compare view
+    page.click(f"tr[data-job='{sweep_id}']", timeout=15_000)
+    page.click("#job-sweep:not([hidden])", timeout=15_000)
+    page.wait_for_selector("#view-compare:not([hidden]) #sweep-card:not([hidden])", timeout=15_000)
+    assert page.eval_on_selector("#compare-sweep", "e => e.value") == sweep_id
     page.wait_for_function("document.querySelectorAll('#sweep-scatter circle.trial').length === 2", timeout=15_000)
     page.wait_for_function("document.querySelectorAll('#compare-chart path.series').length === 2", timeout=15_000)
     assert sorted(page.eval_on_selector_all("#compare-legend li", "els => els.map(e => e.dataset.job)")) == \

@@ -94,7 +94,8 @@ async function refreshJobs() {
       el("td", {}, el("code", {}, job.id.slice(0, 12))), el("td", {}, job.kind + (job.parent ? " (trial)" : "")),
       el("td", {}, el("span", {class: "state " + job.status}, job.status)),
       el("td", {}, progressBar(p.percent), " ", (p.percent || 0).toFixed(0) + "%"),
-      el("td", {}, job.status === "running" ? fmtDuration(p.eta_s) : ""), el("td", {}, fmtTime(job.created_at)));
+      el("td", {class: "muted"}, job.status === "running" ? fmtDuration(p.eta_s) : job.status === "queued" ? queueText(job) : ""),
+      el("td", {}, fmtTime(job.created_at)));
     row.addEventListener("click", () => openJob(job.id));
     return row;
   }));
@@ -105,6 +106,7 @@ async function refreshJobs() {
 // ---------------------------------------------------------------- one job
 function openJob(id) {
   state.jobId = id; state.logOffset = 0; state.metricsKey = "";
+  $("job-action").textContent = "";
   $("job").hidden = false;
   $("job-id").textContent = id;
   $("log").textContent = "";
@@ -133,9 +135,13 @@ async function refreshJob() {
     (job.status === "running" && p.eta_s != null ? " · ETA " + fmtDuration(p.eta_s) : "") +
     " · loss " + fmtNum(latest.train_loss) + " · val acc " + fmtNum(latest.val_accuracy) +
     (best.val_accuracy != null ? " · best " + fmtNum(best.val_accuracy) + " (epoch " + best.epoch + ")" : "") +
-    " · attempt " + (job.attempts || 0) + (job.worker ? " on " + job.worker : "");
+    " · attempt " + (job.attempts || 0) + (job.worker ? " on " + job.worker : "") +
+    (job.status === "queued" && queueText(job) ? " · " + queueText(job) : "") +
+    (job.stopped ? " · stopped early" + (job.stopped.reason ? ": " + job.stopped.reason : "") : "");
   $("job-error").textContent = job.error ? String(job.error.message || job.error) : "";
   $("cancel").disabled = FINISHED.includes(job.status) || job.status === "cancelling";
+  $("retry").hidden = !["failed", "cancelled"].includes(job.status);
+  $("job-sweep").hidden = job.kind !== "sweep";
   const key = job.status + ":" + (p.epoch || 0);
   if (key !== state.metricsKey) {  // curves change only per epoch: refetch then
     state.metricsKey = key;
@@ -190,8 +196,30 @@ $("cancel").addEventListener("click", async () => {
   if (!state.jobId) return;
   $("cancel").disabled = true;
   try { await api("/v1/jobs/" + state.jobId + "/cancel", {method: "POST"}); await refreshJob(); await refreshJobs(); }
-  catch (e) { report(e); }
+  catch (e) { showError($("job-action"), e); }
 });
+function queueText(job) {
+  const q = job.queue || {};
+  if (q.reason) return String(q.reason);
+  return typeof q.position === "number" ? "position " + q.position + " in the queue" : "";
+}
+
+$("retry").addEventListener("click", async () => {
+  if (!state.jobId) return;
+  $("retry").disabled = true;
+  try { await api("/v1/jobs/" + state.jobId + "/retry", {method: "POST"}); state.logOffset = 0; $("log").textContent = "";
+        await refreshJob(); await refreshJobs(); }
+  catch (e) { showError($("job-action"), e); }
+  finally { $("retry").disabled = false; }
+});
+$("job-sweep").addEventListener("click", async () => {
+  const id = state.jobId;
+  if (!id) return;
+  showView("compare");
+  await refreshSweeps();
+  setSelect($("compare-sweep"), id);
+});
+
 function closeJob() { state.jobId = null; $("job").hidden = true; }
 $("close-job").addEventListener("click", closeJob);
 
@@ -546,7 +574,7 @@ function drawSweep() {
   const serverBest = summary.best && summary.metric === metric ? state.trials.find(t => t.id === summary.best.id) : null;
   const best = serverBest || scored.reduce((b, t) => !b || (lower ? trialMetric(t, metric) < trialMetric(b, metric)
                                                     : trialMetric(t, metric) > trialMetric(b, metric)) ? t : b, null);
-  const stopped = t => t.stopped === true || (t.stopped === undefined && t.status === "cancelled");
+  const stopped = t => t.stopped === undefined ? t.status === "cancelled" : !!t.stopped;
   const drawn = (t, key) => t.drawn && key in t.drawn ? t.drawn[key] : getPath(t.config, key);
   const points = state.trials.map((t, i) => ({
     x: Number(drawn(t, param)), y: trialMetric(t, metric), job: t.id, best: t === best, stopped: stopped(t),
