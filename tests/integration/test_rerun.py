@@ -50,8 +50,10 @@ def get(service, path: str):
     return r
 
 
-def rerun_and_compare(s, config: dict) -> tuple[dict, dict]:
-    first = s.wait(s.submit(config)["id"], timeout=300)
+def rerun_and_compare(s, config: dict, priority: int = 0) -> tuple[dict, dict]:
+    r = requests.post(s.url("/v1/jobs"), json={"kind": "train", "config": config, "priority": priority}, timeout=30)
+    assert r.status_code == 202, r.text
+    first = s.wait(r.json()["id"], timeout=300)
     assert first["status"] == "succeeded", first
     proc = kiln(s, "rerun", first["id"], "--quiet")
     assert proc.returncode == 0, proc.stderr
@@ -60,6 +62,7 @@ def rerun_and_compare(s, config: dict) -> tuple[dict, dict]:
     second = s.wait(new_id, timeout=300)
     assert second["status"] == "succeeded", second
     assert second["config"] == first["config"] and second["kind"] == first["kind"]
+    assert second["priority"] == first["priority"] == priority
 
     a, b = (get(s, f"/v1/jobs/{j['id']}/metrics").json() for j in (first, second))
     assert [r["epoch"] for r in a["epochs"]] == list(range(1, config["training"]["epochs"] + 1))
@@ -83,7 +86,7 @@ def first_log(s, manifest: dict) -> str:
 
 def test_rerun_of_a_deterministic_digits_job_reproduces_its_metrics(live_service):
     config = {**TINY, "training": {**TINY["training"], "deterministic": True}}
-    m1, _ = rerun_and_compare(live_service, config)
+    m1, _ = rerun_and_compare(live_service, config, priority=2)
     assert m1["dataset"]["method"] == "tensors" and m1["deterministic"] is True
 
 
