@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Callable
 
-from worker.protocol import PRIORITY_SEP, QUEUE, queue_lists  # noqa: F401 (PRIORITY_SEP: re-exported)
+from worker.protocol import QUEUE, queue_lists
 
 log = logging.getLogger("kiln.reconcile")
 
