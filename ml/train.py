@@ -179,9 +179,9 @@ def _train(cfg: TrainConfig, out: Path, rank, report, should_stop, resume: bool,
         ckpt = load_checkpoint(last) if resume and last.exists() else None
         metrics = MetricsLog(out, None if ckpt is None else ckpt["step"], 0 if ckpt is None else ckpt["epoch"]) \
             if main else NoMetrics()
+        alerts = GradAlerts(t.grad_alert.max_norm, t.grad_alert.min_norm) if main and t.grad_alert else None
         run = Run(cfg, model, optimizer, scheduler, scaler, device, amp_dtype, data, steps_per_epoch, log,
-                  metrics, out, report, should_stop, ActivationMonitor(model) if t.debug else None, rank,
-                  *_watchers(t, out, device, log, main))
+                  metrics, out, report, should_stop, ActivationMonitor(model) if t.debug else None, rank, alerts)
         start_epoch, start_batch = 0, 0
         if ckpt is not None:
             start_epoch, start_batch = restore(run, ckpt)
@@ -197,7 +197,9 @@ def _train(cfg: TrainConfig, out: Path, rank, report, should_stop, resume: bool,
             run.model = rank.wrap(model)
             log.info("%d ranks (%s): %d of each batch of %d per rank", world, rank.backend, t.batch_size // world,
                      t.batch_size)
-        result = _loop(run, *_loaders(run, workers), start_epoch, start_batch)
+        loaders = _loaders(run, workers)
+        run.profiler = _profiler(t, out, device, log) if main else None  # started here: setup is not profiled
+        result = _loop(run, *loaders, start_epoch, start_batch)
         close_writer(run)  # the final (or cancel) checkpoint is on disk before the run returns
         return result
     finally:
@@ -216,14 +218,11 @@ def _train(cfg: TrainConfig, out: Path, rank, report, should_stop, resume: bool,
             torch.cuda.empty_cache()
 
 
-def _watchers(t, out: Path, device: torch.device, log, main: bool) -> tuple:
-    """(GradAlerts, StepProfiler) of the writing process, each None when its config is null (or,
-    for the profiler, when an earlier attempt of the run already wrote profile/trace.json)."""
-    if not main:
-        return None, None
-    alerts = None if t.grad_alert is None else GradAlerts(t.grad_alert.max_norm, t.grad_alert.min_norm)
-    profile = t.profile is not None and not (out / "profile" / "trace.json").exists()
-    return alerts, StepProfiler(t.profile.steps, out, device, log) if profile else None
+def _profiler(t, out: Path, device: torch.device, log) -> StepProfiler | None:
+    """training.profile's profiler; None when it is null or an earlier attempt wrote profile/trace.json."""
+    if t.profile is None or (out / "profile" / "trace.json").exists():
+        return None
+    return StepProfiler(t.profile.steps, out, device, log)
 
 
 def _manifest(run: Run, dataset_roots: Mapping[str, str] | None, ckpt: dict | None) -> None:
