@@ -535,6 +535,7 @@ async function loadSweep(id) {
   const sweep = await getJSON("/v1/jobs/" + encodeURIComponent(id));
   const page = await getJSON("/v1/jobs?parent=" + encodeURIComponent(id) + "&limit=200");
   if (state.sweep !== id) return;
+  const first = !state.sweepJob || state.sweepJob.id !== id;
   state.sweepJob = sweep;
   let trials = (page.jobs || []).filter(j => j.parent === id);  // a server without ?parent= lists every job
   const summary = sweep.sweep;  // the server's view of its trials: values drawn, metric, stopped, best
@@ -547,7 +548,7 @@ async function loadSweep(id) {
   const cfg = sweep.config || {};
   const params = Object.keys(cfg.space || {});
   setOptions($("sweep-param"), params.map(p => ({value: p, label: p})), "(no search space)");
-  if (cfg.metric) setSelect($("compare-metric"), cfg.metric);
+  if (first && cfg.metric) setSelect($("compare-metric"), cfg.metric);  // the sweep's metric, until the user picks
   $("sweep-card").hidden = false;
   $("sweep-id").textContent = id;
   $("sweep-state").textContent = sweep.status;
@@ -605,7 +606,13 @@ $("sweep-param").addEventListener("change", drawSweep);
 
 async function pollCompare() {
   if (state.view !== "compare") return;
-  if (state.sweep) await loadSweep(state.sweep);
+  if (state.sweep) {
+    try { await loadSweep(state.sweep); }
+    catch (e) {
+      if (!(e instanceof ApiError && e.status === 404)) throw e;
+      $("compare-clear").click();  // the sweep was deleted meanwhile
+    }
+  }
   renderCompareList();
   if ([...state.compare].some(id => !(state.metricsCache.get(id) || {}).final)) await drawCompare();
 }

@@ -96,10 +96,10 @@ function drawScatter(svg, points, opts) {
   lo -= span * 0.05; hi += span * 0.05;
   const xs = v => pad.l + (tx(v) - lo) * (W - pad.l - pad.r) / (hi - lo);
   const axis = svgEl("g", {class: "axis"});
-  for (const t of niceTicks(lo, hi, 4)) {
+  niceTicks(lo, hi, 4).forEach((t, k) => {
     const v = opts.logX ? Math.pow(10, t) : t;
-    axis.append(svgEl("text", {x: xs(v), y: H - pad.b + 16, "text-anchor": "middle"}, v.toPrecision(3)));
-  }
+    axis.append(svgEl("text", {x: xs(v), y: H - pad.b + 16, "text-anchor": k === 4 ? "end" : "middle"}, v.toPrecision(3)));
+  });
   axis.append(svgEl("text", {x: (W + pad.l) / 2, y: H - 4, "text-anchor": "middle"},
                     (opts.xLabel || "") + (opts.logX ? " (log scale)" : "")));
   if (opts.yLabel) axis.append(svgEl("text", {x: pad.l + 4, y: 12}, opts.yLabel));
