@@ -22,6 +22,7 @@ _EXPECTED = {
     "bool_parsing": "true or false", "string_type": "a string", "none_required": "null",
     "dataclass_type": "a mapping", "dataclass_exact_type": "a mapping", "dict_type": "a mapping",
     "model_type": "a mapping",
+    "list_type": "a list",
 }
 
 

@@ -136,18 +136,9 @@ GATE_METRICS = ("val_accuracy", "val_loss")  # what a job's best metrics hold (m
 RegistryName = Annotated[str, Strict(), Field(pattern=NAME_RE, max_length=64)]
 
 
-@dataclass(frozen=True, config=_config({"minProperties": 1}))
-class GateBound:
-    """One metric's bound in a register gate: min, max or both (inclusive)."""
-    min: number(ge=-1e9, le=1e9) = f(None, "the metric must be >= min")  # absent, never null
-    max: number(ge=-1e9, le=1e9) = f(None, "the metric must be <= max")
-
-    def field_errors(self, where: str) -> list[FieldError]:
-        if self.min is None and self.max is None:
-            return [FieldError(where, "give min, max or both")]
-        if self.min is not None and self.max is not None and self.min > self.max:
-            return [FieldError(where, f"min {self.min} is above max {self.max}")]
-        return []
+# One metric's bound in a register gate: {"min": x}, {"max": y} or both, inclusive; {} only asks that the
+# metric was recorded. A plain mapping, so the stored config holds what was given and parses again as it is.
+GateBound = dict[Literal["min", "max"], number(ge=-1e9, le=1e9)]
 
 
 @dataclass(frozen=True, config=_config())
@@ -205,9 +196,6 @@ def _cross_checks(cfg: Any) -> list[FieldError]:
     if own is not None:  # a kind with rules of its own (configs.sweep.SweepConfig)
         return own()
     errors = []
-    if isinstance(cfg, TrainConfig) and cfg.register is not None:
-        for metric, bound in cfg.register.require.items():
-            errors.extend(bound.field_errors(f"register.require.{metric}"))
     data = cfg.data
     if data.dataset == "imagefolder" and not data.root:
         errors.append(FieldError("data.root", "is required when data.dataset is imagefolder"))

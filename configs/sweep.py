@@ -3,7 +3,7 @@ drawn (grid or seeded random), the metric that ranks them, and successive halvin
 
 ``parse_config(data, "sweep")`` validates it (``SweepConfig.field_errors`` holds the rules that span
 fields, each drawn trial's config included); ``draw_trials`` gives each trial's values, the same for
-the same config; ``trial_config`` is a trial's training config as plain data.
+the same config; ``trial_config`` is a trial's training config; ``sweep_dict`` the sweep as plain data.
 """
 
 import dataclasses
@@ -158,6 +158,14 @@ def _trial_mapping(cfg: SweepConfig, values: dict) -> dict:
 def trial_config(cfg: SweepConfig, values: dict) -> TrainConfig:
     """A trial's validated training config: the base with ``values`` set."""
     return parse_config(_trial_mapping(cfg, values), "train")
+
+
+def sweep_dict(cfg: SweepConfig) -> dict:
+    """The sweep as plain data (what the job store keeps): each distribution holds only the one it
+    gives (never a null that would not parse again)."""
+    data = dataclasses.asdict(cfg)
+    data["space"] = {key: {k: v for k, v in dist.items() if v is not None} for key, dist in data["space"].items()}
+    return data
 
 
 def trial_values(space: dict, config: dict) -> dict:

@@ -199,10 +199,10 @@ def submit():
 @doc(query=JOB_QUERY, responses={200: ("a page of jobs, newest first", "JobPage"),
                                  400: "bad filter or pagination"})
 def list_jobs():
-    """List jobs, filtered by status and kind, paginated by limit and offset."""
+    """List jobs, filtered by status, kind and parent (a sweep's trials), paginated by limit and offset."""
     q = parse_query(JOB_QUERY, request.args, max_limit=settings().page_size_max)
     return jsonify(kiln().list_jobs(status=q.get("status"), kind=q.get("kind"),
-                                     limit=q["limit"], offset=q["offset"]))
+                                     limit=q["limit"], offset=q["offset"], parent=q.get("parent")))
 
 
 @bp.get("/<job_id>")

@@ -77,6 +77,36 @@ def _nullable(schema: dict) -> dict:
     return {"anyOf": [schema, {"type": "null"}]}
 
 
+PROMOTION = {"type": "object", "required": ["promoted", "reason"],
+             "description": "config.register's outcome: a new model version, or why not",
+             "properties": {"promoted": {"type": "boolean"}, "reason": {"type": "string"},
+                            "name": {"type": "string"}, "version": {"type": "integer"},
+                            "alias": {"type": ["string", "null"]}, "metrics": {"type": "object"}}}
+STOPPED = {"type": "object", "required": ["by", "epoch", "reason"],
+           "description": "a sweep's trial stopped early by successive halving",
+           "properties": {"by": {"const": "successive_halving"}, "epoch": {"type": "integer"},
+                          "metric": {"type": "number"}, "cutoff": {"type": "number"}, "reason": {"type": "string"}}}
+TRIAL = {"type": "object", "required": ["id", "index", "status", "values", "metric", "stopped"],
+         "properties": {"id": {"type": "string", "pattern": ID_RE}, "index": {"type": "integer", "minimum": 1},
+                        "status": {"enum": list(JOB_STATES)},
+                        "values": {"type": "object", "description": "the values this trial drew, by dotted field"},
+                        "metric": {"type": ["number", "null"]}, "epoch": {"type": ["integer", "null"]},
+                        "rungs": {"type": "object", "description": "epoch -> the metric recorded at that rung"},
+                        "stopped": {"type": "boolean"}, "stop_reason": {"type": ["string", "null"]}}}
+SWEEP = {"type": "object", "description": "kind sweep only: its trials and the best trial (worker.sweeps.summary)",
+         "required": ["total", "counts", "trials", "best"],
+         "properties": {"method": {"enum": ["random", "grid"]}, "metric": {"type": "string"},
+                        "mode": {"enum": ["max", "min"]}, "space": {"type": "object"},
+                        "halving": {"type": ["object", "null"]}, "total": {"type": "integer"},
+                        "counts": {"type": "object", "additionalProperties": {"type": "integer"}},
+                        "trials": {"type": "array", "items": TRIAL},
+                        "best": {"anyOf": [{"type": "null"}, {
+                            "type": "object", "required": ["id", "values", "metric", "config"],
+                            "properties": {"id": {"type": "string", "pattern": ID_RE}, "index": {"type": "integer"},
+                                           "values": {"type": "object"}, "metric": {"type": "number"},
+                                           "config": {"type": "object"}}}]}}}
+
+
 def response_components() -> dict:
     """Schemas of the answers of jobs, datasets, tokens and health (the resources this tier shapes)."""
     ts, nts = {"type": "string"}, _nullable({"type": "string"})
@@ -100,6 +130,8 @@ def response_components() -> dict:
                                          "description": "why a queued job waits; null unless queued"}}},
                           "priority": {k: schemas.PRIORITY[k] for k in ("type", "minimum", "maximum")},
                           "parent": {**nts, "description": "the sweep this trial belongs to"},
+                          "promotion": _nullable(PROMOTION), "stopped": _nullable(STOPPED),
+                          "sweep": SWEEP,
                           "created_at": ts, "started_at": nts,
                           "finished_at": nts, "updated_at": nts}}
     dataset = {"type": "object", "required": ["id", "name", "classes", "counts", "num_images", "size", "created_at"],

@@ -29,8 +29,9 @@ JOB_SUBMISSION = {
     "type": "object", "additionalProperties": False, "required": ["config"],
     "properties": {
         "kind": {"type": "string", "enum": list(JOB_KINDS), "default": "train",
-                 "description": "train or predict"},
-        "config": {"type": "object", "description": "a TrainConfig (kind train) or PredictConfig (kind predict)"},
+                 "description": "train, predict or sweep"},
+        "config": {"type": "object", "description": "a TrainConfig (kind train), PredictConfig (kind predict) "
+                                                    "or SweepConfig (kind sweep)"},
         "priority": PRIORITY,
     },
 }
@@ -39,6 +40,7 @@ JOB_QUERY = {
     "properties": {
         "status": {"type": "string", "enum": list(JOB_STATES), "description": "only jobs in this state"},
         "kind": {"type": "string", "enum": list(JOB_KINDS), "description": "only jobs of this kind"},
+        "parent": {"type": "string", "pattern": ID_RE, "description": "only the trials of this sweep"},
         "limit": {"type": "integer", "minimum": 1, "maximum": 200, "default": 50, "description": "page size"},
         "offset": {"type": "integer", "minimum": 0, "maximum": 10**9, "default": 0,
                    "description": "jobs to skip (newest first)"},

@@ -15,6 +15,7 @@ from configs.names import is_id
 from configs.paths import check_paths, with_paths
 from worker.jobproc import Outcome, classify
 from worker.jobsync import DirSync
+from worker.sweeps import RungReporter
 
 log = logging.getLogger("kiln.worker")
 PROGRESS_KEYS = ("epoch", "epochs", "step", "total_steps", "percent", "eta_s", "world_size")
@@ -156,12 +157,15 @@ class JobRun:
         self._cancel = False
         self.fenced = False  # a write was refused: another attempt holds the job now
         self.every_s = ctx.settings.progress_every_s
+        self.rungs = RungReporter.for_job(ctx.store, job, owner)  # a sweep's trial: successive halving
 
     def report(self, p: dict) -> None:
         """Progress from the runner; written to the store at most every progress_every_s (and at each epoch)."""
         self.step = int(p.get("step") or self.step)
         self._pending = p
         event = p.get("event")
+        if event == "epoch" and self.rungs is not None and self.rungs.on_epoch(p):
+            self._cancel = True  # stopped by successive halving: ends cancelled at the next step
         if event in ("start", "epoch", "end") or time.monotonic() - self._last_write >= self.every_s:
             self.flush()
         if event == "epoch" and self.dir_sync is not None:
@@ -172,6 +176,8 @@ class JobRun:
         if p is None:
             return
         progress = {k: p.get(k) for k in PROGRESS_KEYS}
+        if self.rungs is not None:
+            progress.update(self.rungs.progress())
         try:
             held = self.ctx.store.update_progress(self.job["id"], self.owner, progress,
                                                   p.get("metrics") or None, p.get("best") or None)

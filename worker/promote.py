@@ -2,18 +2,23 @@
 against its gate; passing, its best checkpoint becomes the next version of the model (the gate and
 the metrics it saw recorded on the version) and the alias moves to it; failing, the job says why.
 
-Runs in the worker's pool process right after the job's success is recorded (worker.runner), so
+Starts in the worker's pool process right after the job's success is recorded (worker.runner), so
 the job is already ``succeeded`` whatever happens here: the outcome goes into the job's
-``promotion`` (progress.promotion in the row) and its events, never into its status.
+``promotion`` (progress.promotion in the row), its events and its log, never into its status. The
+registration itself runs in a forked process of its own, as a job does: building a version's
+artifacts runs torch, whose thread pools must never start in the pool process (a job process
+forked from it afterwards would hang in its first parallel op).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import sqlalchemy as sa
 
-from worker import db
+from worker import db, jobproc
 from worker.clock import utcnow
+from worker.jobproc import Outcome
 
 log = logging.getLogger("kiln.worker")
 
@@ -33,6 +38,30 @@ def check_gate(require: dict, metrics: dict) -> list[str]:
     return failures
 
 
+def promote_after_success(ctx, job_id: str) -> None:
+    """In the pool process: ``promote_if_gated`` in a forked process when the job has ``register``
+    (inline in bookkeeping tests: ``ctx.launch == "inline"``). Start no thread before calling this."""
+    try:
+        if not (ctx.store.get(job_id).get("config") or {}).get("register"):
+            return
+    except Exception as exc:  # noqa: BLE001 - the job stays succeeded
+        log.warning("cannot read job %s for its promotion: %s", job_id, exc)
+        return
+    if ctx.launch == "inline":
+        promote_if_gated(ctx, job_id)
+        return
+
+    def body() -> Outcome:  # in the fork: its own storage client (fsspec's async ones are not fork-safe)
+        from worker.storage import Storage
+
+        outcome = promote_if_gated(dataclasses.replace(ctx, storage=Storage(ctx.settings.storage)), job_id)
+        return Outcome(status="promoted" if outcome and outcome.get("promoted") else "not promoted")
+
+    ended = jobproc.run_forked(body, watch=lambda: None)
+    if ended.status is None:
+        log.error("the promotion of job %s did not finish: %s", job_id, ended.died or ended.error)
+
+
 def promote_if_gated(ctx, job_id: str) -> dict | None:
     """Register a succeeded job's best checkpoint if its ``register`` gate passes; the outcome, recorded
     on the job, or None when the job has no ``register``. Never raises: the job stays succeeded."""
@@ -46,7 +75,8 @@ def promote_if_gated(ctx, job_id: str) -> dict | None:
         log.exception("promotion of job %s failed", job_id)
         outcome = {"promoted": False, "reason": f"registration failed: {type(exc).__name__}: {str(exc)[:300]}"}
     try:
-        _record(ctx.store.engine, job_id, outcome)
+        text = _record(ctx.store.engine, job_id, outcome)
+        _append_log(ctx.storage, job_id, text)
     except Exception:  # noqa: BLE001
         log.exception("could not record the promotion outcome of job %s", job_id)
     return outcome
@@ -71,7 +101,15 @@ def _promote(ctx, job_id: str, register: dict, metrics: dict) -> dict:
             "metrics": seen, "reason": f"passed the gate ({passed})"}
 
 
-def _record(engine: sa.Engine, job_id: str, outcome: dict) -> None:
+def _append_log(storage, job_id: str, text: str) -> None:
+    """The outcome as the last line of the job's train.log (GET /v1/jobs/<id>/logs)."""
+    prefix = f"jobs/{job_id}"
+    path = f"{prefix}/train.log"
+    data = storage.read_bytes(path) if storage.exists(path) else b""
+    storage.write_recorded(prefix, "train.log", data + f"[kiln] {text}\n".encode())
+
+
+def _record(engine: sa.Engine, job_id: str, outcome: dict) -> str:
     """The outcome in the job's progress (the job JSON's ``promotion``) and its events."""
     J = db.jobs
     if outcome["promoted"]:
@@ -86,3 +124,4 @@ def _record(engine: sa.Engine, job_id: str, outcome: dict) -> None:
         conn.execute(J.update().where(J.c.id == job_id).values(progress={**(progress or {}), "promotion": outcome}))
         conn.execute(db.job_events.insert().values(job_id=job_id, from_status="succeeded", to_status="succeeded",
                                                    reason=text[:4000], at=utcnow()))
+    return text

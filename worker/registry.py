@@ -150,11 +150,12 @@ class Registry:
                    runtimes=serving_runtimes(settings))
 
     # ------------------------------------------------------------- register
-    def register_model(self, name: str, job_id: str, checkpoint: str = "best", *, build=write_artifacts) -> dict:
+    def register_model(self, name: str, job_id: str, checkpoint: str = "best", *, build=write_artifacts,
+                       gate: dict | None = None) -> dict:
         """Register a succeeded job's checkpoint as the next version of ``name``; returns the version.
 
         ``build`` has ``write_artifacts``'s signature; the web tier passes one that runs it in its
-        forward process.
+        forward process. ``gate``: the register gate and the metrics it saw (worker.promote), kept on the version.
         """
         _check_name(name, "name")
         if not is_id(job_id):
@@ -177,18 +178,18 @@ class Registry:
             raise NotFound(f"job {job_id} has no {checkpoint} checkpoint ({path}); "
                            + ("try checkpoint=last" if checkpoint == "best" else "it may have been deleted"))
         with self._local_copy(path) as local:
-            return self.register_checkpoint(name, local, job_id=job_id, checkpoint=checkpoint, build=build)
+            return self.register_checkpoint(name, local, job_id=job_id, checkpoint=checkpoint, build=build, gate=gate)
 
     def register_checkpoint(self, name: str, path: str | Path, *, job_id: str | None = None,
-                            checkpoint: str = "best", build=write_artifacts) -> dict:
+                            checkpoint: str = "best", build=write_artifacts, gate: dict | None = None) -> dict:
         """Register a local checkpoint file as the next version of ``name`` (no job checks)."""
         _check_name(name, "name")
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=self.cache_dir, prefix="register-") as out:
             card = build(str(path), out, name=name, job_id=job_id, checkpoint=checkpoint, runtimes=self.runtimes)
-            return self._insert_version(name, job_id, checkpoint, Path(out), card)
+            return self._insert_version(name, job_id, checkpoint, Path(out), card, gate)
 
-    def _insert_version(self, name, job_id, checkpoint, built: Path, card) -> dict:
+    def _insert_version(self, name, job_id, checkpoint, built: Path, card, gate: dict | None = None) -> dict:
         for _ in range(self.max_retries):
             created = utcnow()
             try:
@@ -202,7 +203,7 @@ class Registry:
                     card = {**card, "version": version, "created_at": iso(created)}
                     conn.execute(self.versions.insert().values(
                         name=name, version=version, job_id=job_id, checkpoint=checkpoint,
-                        card=card, sha256=card["sha256"], created_at=created))
+                        card=card, sha256=card["sha256"], created_at=created, gate=gate))
                     prefix = model_prefix(name, version)
                     self.storage.put_file(built / "model.pt", f"{prefix}/model.pt")
                     self.storage.put_file(built / "model.safetensors", f"{prefix}/model.safetensors")
@@ -226,7 +227,7 @@ class Registry:
         return {"name": row.name, "version": row.version, "job_id": row.job_id, "checkpoint": row.checkpoint,
                 "sha256": row.sha256, "created_at": iso(row.created_at), "aliases": sorted(aliases),
                 "metrics": card.get("metrics", {}), "best": card.get("best", {}), "classes": card.get("classes"),
-                "model": (card.get("config") or {}).get("model", {}).get("name")}
+                "model": (card.get("config") or {}).get("model", {}).get("name"), "gate": row.gate}
 
     def get_version(self, name: str, version: int) -> dict:
         return next(v for v in self.get_model(name)["versions"] if v["version"] == version)

@@ -21,6 +21,7 @@ from typing import Callable
 from worker import gpus, jobproc
 from worker.jobproc import Outcome
 from worker.jobrun import JobRun, job_id_logging, remove_scratch, run_job
+from worker.promote import promote_after_success
 from worker.store import ACTIVE, TERMINAL, JobStore
 
 log = logging.getLogger("kiln.worker")
@@ -222,7 +223,13 @@ def _record(job: dict, ctx: Context, owner: str, lease: Lease, outcome: Outcome)
         return finish("failed", f"failed: {outcome.error}"[:500], error=outcome.error)
     if outcome.status == "stopped":
         return finish("cancelled", f"cancelled at step {outcome.step}; checkpoint written")
-    return finish("succeeded", f"{outcome.status} after {outcome.step} steps")
+    status = finish("succeeded", f"{outcome.status} after {outcome.step} steps")
+    if status == "succeeded":  # config.register: its gate decides whether a model version is made
+        lease.stop()  # the lease is released; its thread ends before the promotion forks
+        if lease.is_alive():
+            lease.join()
+        promote_after_success(ctx, job_id)
+    return status
 
 
 def _through_outage(write: Callable[[], object], lease: Lease, retry_s: float = 1.0):

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from configs import dump_yaml, parse_config, to_dict as config_dict
 from configs.names import TERMINAL_STATES, is_id, parse_model_ref
 from configs.paths import check_paths
-from worker import db, workers
+from worker import db, sweeps, workers
 from worker.errors import InvalidInput, NotFound
 from worker.storage import Storage, clean_path
 from worker.store import JobStore, to_dict
@@ -63,6 +63,8 @@ class Kiln:
     # ----------------------------------------------------------------- jobs
     def submit_job(self, kind: str, config: dict, priority: int = 0) -> dict:
         """Validate, store (queued) and enqueue a job; ConfigError/InvalidInput for bad input."""
+        if kind == "sweep":  # stored running, with its trials queued as child training jobs
+            return self.get_job(sweeps.submit_sweep(self, config, priority))
         cfg = parse_config(config, kind)
         plain = config_dict(cfg)
         check_paths(kind, plain, self.settings.data_root_paths)
@@ -115,23 +117,28 @@ class Kiln:
             log.warning("job %s stored but not sent (%s); the reconciler will send it", job["id"], exc)
 
     def get_job(self, job_id: str) -> dict:
-        return self.store.job_dict(self.store.get(self._job_id(job_id)))
+        return sweeps.with_sweep(self.store, self.store.job_dict(self.store.get(self._job_id(job_id))))
 
     def job_events(self, job_id: str) -> list[dict]:
         self.store.get(self._job_id(job_id))
         return self.store.events(job_id)
 
-    def list_jobs(self, status=None, kind=None, limit: int = 50, offset: int = 0) -> dict:
-        rows, total = self.store.list(status=status, kind=kind, limit=limit, offset=offset)
+    def list_jobs(self, status=None, kind=None, limit: int = 50, offset: int = 0, parent=None) -> dict:
+        rows, total = self.store.list(status=status, kind=kind, limit=limit, offset=offset, parent=parent)
         return {"jobs": self.store.job_dicts(rows), "total": total, "limit": limit, "offset": offset}
 
     def cancel_job(self, job_id: str) -> dict:
-        """Queued: cancelled at once. Running: cancelling, then cancelled at a step boundary."""
+        """Queued: cancelled at once. Running: cancelling, then cancelled at a step boundary. A sweep:
+        cancelled at once, with its unfinished trials."""
+        if self.store.get(self._job_id(job_id))["kind"] == "sweep":
+            sweeps.cancel_sweep(self.store, job_id)
+            return self.get_job(job_id)
         return to_dict(self.store.request_cancel(self._job_id(job_id)))
 
     def retry_job(self, job_id: str) -> dict:
         """A failed or cancelled job queued again in place; it resumes from checkpoints/last.pt if any."""
         job_id = self._job_id(job_id)
+        sweeps.refuse_retry(self.store.get(job_id))  # a sweep runs on no worker: submit it again
         resumes = self.storage.exists(f"jobs/{job_id}/checkpoints/last.pt")
         why = "retried by user; " + ("resumes from checkpoints/last.pt" if resumes else "no checkpoint: starts over")
         job = self.store.retry(job_id, extra_attempts=self.settings.max_attempts, reason=why)

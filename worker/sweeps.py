@@ -18,11 +18,12 @@ import uuid
 from datetime import timedelta
 
 import sqlalchemy as sa
+import yaml
 
 from configs import dump_yaml, parse_config, to_dict as config_dict
 from configs.names import TERMINAL_STATES
 from configs.paths import check_paths
-from configs.sweep import draw_trials, trial_config, trial_values
+from configs.sweep import draw_trials, sweep_dict, trial_config, trial_values
 from worker import db
 from worker.clock import utcnow
 from worker.errors import Conflict
@@ -45,13 +46,13 @@ def submit_sweep(kiln, config: dict, priority: int = 0) -> str:
         if trial.data.dataset not in checked:
             checked.add(trial.data.dataset)
             kiln._check_dataset(trial)
-    sweep_id, now = uuid.uuid4().hex, utcnow()
+    sweep_id, now, plain = uuid.uuid4().hex, utcnow(), sweep_dict(cfg)
     common = dict(attempts=0, cancel_requested=False, priority=int(priority), updated_at=now)
     rows = [dict(id=uuid.uuid4().hex, kind="train", status="queued", config=config_dict(t), parent=sweep_id,
                  max_attempts=kiln.settings.max_attempts, created_at=now + timedelta(microseconds=i + 1), **common)
             for i, t in enumerate(trials)]
     with kiln.store.engine.begin() as conn:
-        conn.execute(J.insert().values(id=sweep_id, kind="sweep", status="running", config=config_dict(cfg),
+        conn.execute(J.insert().values(id=sweep_id, kind="sweep", status="running", config=plain,
                                        max_attempts=1, created_at=now, started_at=now,
                                        progress={"percent": 0.0}, **{**common, "attempts": 1}))
         conn.execute(db.job_events.insert().values(
@@ -61,7 +62,7 @@ def submit_sweep(kiln, config: dict, priority: int = 0) -> str:
         conn.execute(db.job_events.insert(), [dict(job_id=r["id"], from_status=None, to_status="queued", at=now,
                                                    reason=f"submitted as trial {i} of sweep {sweep_id}")
                                               for i, r in enumerate(rows, start=1)])
-    kiln.storage.write_recorded(f"jobs/{sweep_id}", "config.yaml", dump_yaml(cfg).encode())
+    kiln.storage.write_recorded(f"jobs/{sweep_id}", "config.yaml", yaml.safe_dump(plain, sort_keys=False).encode())
     for row, trial in zip(rows, trials):
         kiln.storage.write_recorded(f"jobs/{row['id']}", "config.yaml", dump_yaml(trial).encode())
         kiln._send(row)  # a broker outage leaves it queued: the reconciler sends it
@@ -77,6 +78,13 @@ def cancel_sweep(store: JobStore, sweep_id: str) -> dict:
                      expect=("running", "cancelling"), cancel_requested=True)
     _cancel_trials(store, sweep_id)
     return store.get(sweep_id)
+
+
+def refuse_retry(job: dict) -> None:
+    """Conflict for a sweep: it is never queued (no worker runs it); the same config draws the same trials."""
+    if job["kind"] == "sweep":
+        raise Conflict(f"job {job['id']} is a sweep, which cannot be retried in place; submit its config again "
+                       "(the same config draws the same trials) or retry its trials", code="not_retryable")
 
 
 def _cancel_trials(store: JobStore, sweep_id: str) -> None:

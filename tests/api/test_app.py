@@ -115,7 +115,7 @@ def test_openapi_job_schema_comes_from_the_config_schema(client):
     assert set(post["requestBody"]["content"]) == {"application/json", "application/yaml"}
     assert {"202", "400", "413", "415", "422"} <= set(post["responses"])
     params = {p["name"] for p in spec["paths"]["/v1/jobs"]["get"]["parameters"]}
-    assert params == {"status", "kind", "limit", "offset"}
+    assert params == {"status", "kind", "parent", "limit", "offset"}
 
 
 def test_docs_page_is_swagger_ui_from_the_wheel(client):

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from configs import ConfigError, parse_config
-from configs.sweep import draw_trials, trial_config, trial_values
+from configs import ConfigError, parse_config, to_dict
+from configs.sweep import draw_trials, sweep_dict, trial_config, trial_values
 from worker.promote import check_gate
 from worker.sweeps import cutoff, worse
 
@@ -91,6 +91,12 @@ def test_a_bad_sweep_names_its_field(change, field, words):
     assert words in found[field]
 
 
+def test_the_stored_sweep_parses_again_as_it_is():
+    cfg = parse_config(SWEEP, "sweep")
+    plain = sweep_dict(cfg)
+    assert plain["space"] == SWEEP["space"] and parse_config(plain, "sweep") == cfg
+
+
 def test_a_sweep_needs_a_space():
     assert "space" in fields({"base": {}})
 
@@ -98,20 +104,18 @@ def test_a_sweep_needs_a_space():
 def test_trial_values_read_back_from_a_trial_config():
     cfg = parse_config(SWEEP, "sweep")
     values = draw_trials(cfg)[0]
-    from configs import to_dict
-
     assert trial_values(SWEEP["space"], to_dict(trial_config(cfg, values))) == values
 
 
 def test_register_gate_validates():
     cfg = parse_config({"register": {"name": "digits", "alias": "production",
                                      "require": {"val_accuracy": {"min": 0.97}}}}, "train")
-    assert cfg.register.name == "digits" and cfg.register.require["val_accuracy"].min == 0.97
+    assert cfg.register.name == "digits" and cfg.register.require["val_accuracy"] == {"min": 0.97}
     assert parse_config({}, "train").register is None
-    assert "register.require.val_accuracy" in fields({"register": {"name": "d", "require": {"val_accuracy": {}}}},
-                                                     "train")
-    assert "register.require.val_loss" in fields(
-        {"register": {"name": "d", "require": {"val_loss": {"min": 2, "max": 1}}}}, "train")
+    assert "register.require" in fields({"register": {"name": "d", "require": {"val_accuracy": {"mn": 1}}}}, "train")
+    assert "register.require" in fields({"register": {"name": "d", "require": {"val_loss": {"max": None}}}}, "train")
+    again = to_dict(cfg)  # the stored config parses again as it is
+    assert again["register"]["require"] == {"val_accuracy": {"min": 0.97}} and parse_config(again, "train") == cfg
     assert "register.name" in fields({"register": {"name": "bad name"}}, "train")
     assert "register.require" in fields({"register": {"name": "d", "require": {"f1": {"min": 1}}}}, "train")
     assert "register.name" in fields({"register": {}}, "train")
@@ -123,6 +127,9 @@ def test_gate_check_says_why():
     assert check_gate(require, {"val_accuracy": 0.91, "val_loss": 0.1}) == ["val_accuracy 0.91 < min 0.97"]
     assert check_gate(require, {"val_accuracy": 0.99}) == ["val_loss was not recorded"]
     assert check_gate({}, {}) == []
+    assert check_gate({"val_loss": {}}, {"val_accuracy": 0.5}) == ["val_loss was not recorded"]
+    assert check_gate({"val_loss": {"min": 0.2, "max": 0.1}}, {"val_loss": 0.15}) == [
+        "val_loss 0.15 < min 0.2", "val_loss 0.15 > max 0.1"]
 
 
 def test_halving_cutoff_is_a_quantile_of_the_others():
