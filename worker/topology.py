@@ -1,8 +1,8 @@
 """Several Kiln hosts on one machine, for the multi-host test and benchmarks: a PostgreSQL
 (a throwaway cluster as .ci/postgres.sh starts one, which a test may restart; KILN_TEST_POSTGRES_URL
-where no PostgreSQL is installed), Redis over TCP
-with an append-only file, moto's S3 server, and web or worker "hosts", each a process group of
-its own with its own KILN_HOME and no shared disk. Nothing here runs in a production process.
+where no PostgreSQL is installed), Redis over TCP with an append-only file, moto's S3 server, and
+web or worker "hosts", each a process group of its own with its own KILN_HOME, no shared disk, and
+only the settings deploy/README.md names. Nothing here runs in a production process.
 """
 from __future__ import annotations
 
@@ -28,6 +28,12 @@ BUCKET, PREFIX = "kiln-topology", "kiln"
 # the intervals that bound recovery, shortened as in worker.live (defaults: 5, 60, 30)
 FAST = dict(auth_enabled=False, heartbeat_s=0.5, lease_timeout_s=4.0, reconcile_every_s=1.0, progress_every_s=0.2)
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+# A host gets the settings deploy/README.md lists for this topology and no other of Kiln's (the rest
+# keep their defaults), so a setting the topology needs but the README does not name fails the test;
+# besides them, only this test's own choices: no tokens, progress written more often.
+HOST_SETTINGS = ("DATABASE_URL", "REDIS_URL", "STORAGE_URL", "KILN_HOME", "KILN_WORKER_NAME", "KILN_HEARTBEAT_S",
+                 "KILN_LEASE_TIMEOUT_S", "KILN_RECONCILE_EVERY_S", "KILN_VISIBILITY_TIMEOUT_S")
+TEST_SETTINGS = ("KILN_AUTH_ENABLED", "KILN_PROGRESS_EVERY_S")
 
 
 def _wait(check, what: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
@@ -193,7 +199,9 @@ class Host:
 
     def __init__(self, name: str, home: Path, role: str, settings: Settings, s3_url: str):
         self.name, self.home, self.role, self.settings = name, home, role, settings
-        self.env = {**os.environ, **settings.env(), **S3_ENV, "AWS_ENDPOINT_URL": s3_url,
+        given = {k: v for k, v in settings.env().items() if k in HOST_SETTINGS + TEST_SETTINGS}
+        inherited = {k: v for k, v in os.environ.items() if not (k.startswith("KILN_") or k in HOST_SETTINGS)}
+        self.env = {**inherited, **given, **S3_ENV, "AWS_ENDPOINT_URL": s3_url,
                     "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
         self.port = free_port()
         self.log = home / f"{name}.log"
