@@ -158,7 +158,8 @@ async function refreshMetrics(id) {
   const pick = name => series[name] || rows.map(r => r[name] ?? null);
   drawLineChart($("loss-chart"), [
     {name: "train loss", color: "#d9480f", values: pick("train_loss")},
-    {name: "val loss", color: "#1c7ed6", values: pick("val_loss")}]);
+    {name: "val loss", color: "#1c7ed6", values: pick("val_loss")}],
+    {markers: pick("grad_alerts")});  // epochs with gradient alerts (training.grad_alert) get a marker
   const acc = [{name: "val accuracy", color: "#2b8a3e", values: pick("val_accuracy")}];
   if (pick("train_accuracy").some(v => v != null)) acc.push({name: "train accuracy", color: "#ae3ec9", values: pick("train_accuracy")});
   drawLineChart($("acc-chart"), acc);
