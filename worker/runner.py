@@ -23,6 +23,7 @@ from worker.jobproc import Outcome
 from worker.jobrun import JobRun, job_id_logging, remove_scratch, run_job
 from worker.promote import promote_after_success
 from worker.store import ACTIVE, TERMINAL, JobStore
+from worker.sweeps import stop_reason
 
 log = logging.getLogger("kiln.worker")
 Runner = Callable[[JobRun], str]
@@ -221,8 +222,9 @@ def _record(job: dict, ctx: Context, owner: str, lease: Lease, outcome: Outcome)
         return f"ended: {new}" if new else "lease lost"
     if outcome.error is not None:
         return finish("failed", f"failed: {outcome.error}"[:500], error=outcome.error)
-    if outcome.status == "stopped":
-        return finish("cancelled", f"cancelled at step {outcome.step}; checkpoint written")
+    if outcome.status == "stopped":  # a cancel, or successive halving in a sweep's trial (worker.sweeps)
+        why = stop_reason(store.get(job_id)) or f"cancelled at step {outcome.step}"
+        return finish("cancelled", f"{why}; checkpoint written")
     status = finish("succeeded", f"{outcome.status} after {outcome.step} steps")
     if status == "succeeded":  # config.register: its gate decides whether a model version is made
         lease.stop()  # the lease is released; its thread ends before the promotion forks

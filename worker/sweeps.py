@@ -141,6 +141,11 @@ def summary(store: JobStore, sweep: dict) -> dict:
             "halving": cfg.get("halving"), "total": len(trials), "counts": counts, "trials": trials, "best": best}
 
 
+def stop_reason(row: dict) -> str | None:
+    """Why successive halving stopped this trial, if it did."""
+    return ((row.get("progress") or {}).get("stopped") or {}).get("reason")
+
+
 def with_sweep(store: JobStore, job: dict) -> dict:
     """A job's JSON with ``sweep`` (its trials and best trial) when it is a sweep."""
     if job.get("kind") == "sweep":
