@@ -24,9 +24,9 @@ from configs import dump_yaml, parse_config, to_dict as config_dict
 from configs.names import TERMINAL_STATES
 from configs.paths import check_paths
 from configs.sweep import draw_trials, sweep_dict, trial_config, trial_values
-from worker import db
+from worker import db, workers
 from worker.clock import utcnow
-from worker.errors import Conflict
+from worker.errors import Conflict, InvalidInput
 from worker.store import JobStore
 
 log = logging.getLogger("kiln.sweeps")
@@ -40,12 +40,14 @@ def submit_sweep(kiln, config: dict, priority: int = 0) -> str:
     Returns the sweep's id. ConfigError/InvalidInput (422) name the sweep's field."""
     cfg = parse_config(config, "sweep")
     trials = [trial_config(cfg, values) for values in draw_trials(cfg)]
-    checked = set()
+    checked, waits_for = set(), {}
     for trial in trials:
         check_paths("train", config_dict(trial), kiln.settings.data_root_paths)
         if trial.data.dataset not in checked:
             checked.add(trial.data.dataset)
             kiln._check_dataset(trial)
+        if trial.training.processes not in waits_for:  # 422 when no live worker could ever hold a trial
+            waits_for[trial.training.processes] = _check_fits(kiln, cfg, trial)
     sweep_id, now, plain = uuid.uuid4().hex, utcnow(), sweep_dict(cfg)
     common = dict(attempts=0, cancel_requested=False, priority=int(priority), updated_at=now)
     rows = [dict(id=uuid.uuid4().hex, kind="train", status="queued", config=config_dict(t), parent=sweep_id,
@@ -62,11 +64,24 @@ def submit_sweep(kiln, config: dict, priority: int = 0) -> str:
         conn.execute(db.job_events.insert(), [dict(job_id=r["id"], from_status=None, to_status="queued", at=now,
                                                    reason=f"submitted as trial {i} of sweep {sweep_id}")
                                               for i, r in enumerate(rows, start=1)])
+    for row, trial in zip(rows, trials):
+        if waits_for[trial.training.processes]:
+            workers.set_pending_reason(kiln.engine, row["id"], waits_for[trial.training.processes], in_hand=False)
     kiln.storage.write_recorded(f"jobs/{sweep_id}", "config.yaml", yaml.safe_dump(plain, sort_keys=False).encode())
     for row, trial in zip(rows, trials):
         kiln.storage.write_recorded(f"jobs/{row['id']}", "config.yaml", dump_yaml(trial).encode())
         kiln._send(row)  # a broker outage leaves it queued: the reconciler sends it
     return sweep_id
+
+
+def _check_fits(kiln, cfg, trial) -> str | None:
+    """worker.workers.check_fits for a trial, its 422 naming the sweep's field."""
+    try:
+        return workers.check_fits(kiln.engine, "train", config_dict(trial), kiln.settings)
+    except InvalidInput as exc:
+        field = "space.training.processes" if "training.processes" in cfg.space else "base.training.processes"
+        details = [{**d, "field": field} for d in exc.details or []]
+        raise InvalidInput(exc.message.replace("training.processes", field, 1), details) from None
 
 
 def cancel_sweep(store: JobStore, sweep_id: str) -> dict:

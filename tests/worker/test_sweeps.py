@@ -21,6 +21,7 @@ class Facade:
 
     def __init__(self, settings, store):
         self.settings, self.store, self.storage, self.sent = settings, store, Storage(settings.storage), []
+        self.engine = store.engine
 
     def _check_dataset(self, cfg) -> None:
         pass
@@ -118,3 +119,19 @@ def test_only_a_sweeps_trials_get_a_rung_reporter(db_settings, store):
     job = store.create("train", {"training": {"epochs": 3}})
     assert RungReporter.for_job(store, job, "w/1") is None
     assert MAX_TRIALS == 64
+
+
+def test_a_sweep_whose_trials_no_live_worker_can_hold_is_refused_naming_its_field(db_settings, store):
+    from worker import db
+    from worker.clock import utcnow
+    from worker.errors import InvalidInput
+
+    with store.engine.begin() as conn:
+        conn.execute(db.workers.insert().values(name="gpu-node-1", gpus=2, free_gpus=2, slots=2,
+                                                started_at=utcnow(), heartbeat_at=utcnow()))
+    facade = Facade(db_settings, store)
+    config = {**SWEEP, "base": {**SWEEP["base"], "training": {"epochs": 3, "processes": 4}}}
+    with pytest.raises(InvalidInput) as err:
+        submit_sweep(facade, config)
+    assert [d["field"] for d in err.value.details] == ["base.training.processes"]
+    assert store.list(kind="sweep")[1] == 0 and facade.sent == []  # nothing stored, nothing sent
