@@ -26,11 +26,22 @@ from ml.files import atomic_write
 from worker import db
 from worker.clock import iso, utcnow
 from worker.errors import Conflict, InvalidInput, NotFound
-from worker.retention import retired_version
 from worker.storage import Storage, sha256_file
 
 DEFAULT_ALIAS = "production"  # what a bare "name" resolves to when set; else the latest version
 SLIM_KEYS = ("config", "classes", "normalization", "image_size", "in_channels", "metrics", "best", "versions")
+
+
+RETIRED = ".retired"  # models/<name>/.retired: {"version": the highest deleted version}
+
+
+def retired_version(storage, name: str) -> int:
+    """The highest version of ``name`` ever deleted (0: none): the registry numbers new versions above it."""
+    try:
+        value = json.loads(storage.read_bytes(f"models/{name}/{RETIRED}")).get("version")
+    except (FileNotFoundError, ValueError, AttributeError):
+        return 0
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def model_prefix(name: str, version: int) -> str:

@@ -27,12 +27,12 @@ from configs.names import MAX_VERSION, TERMINAL_STATES, is_id, parse_model_ref
 from worker import db
 from worker.clock import utcnow
 from worker.errors import Conflict, NotFound
+from worker.registry import RETIRED, is_name, model_prefix, retired_version
 
 log = logging.getLogger("kiln.retention")
 J, E = db.jobs, db.job_events
 UNFINISHED = ("queued", "running", "cancelling")
 EXPIRED_REASON = "artifacts expired"  # the job_events reason prefix the sweep writes (and looks for)
-RETIRED = ".retired"                  # models/<name>/.retired: {"version": the highest deleted version}
 
 
 def _job_dataset(config) -> str | None:
@@ -115,8 +115,6 @@ def delete_dataset(engine, storage, dataset_id: str) -> dict:
 # ---------------------------------------------------------- model versions
 def delete_model_version(engine, storage, name: str, version: int, *, cache_dir=None) -> dict:
     """Delete a model version's row and models/<name>/<version>/; 409 while an alias points at it."""
-    from worker.registry import is_name, model_prefix
-
     if not is_name(name) or isinstance(version, bool) or not isinstance(version, int) \
             or not 1 <= version <= MAX_VERSION:
         raise NotFound(f"model {name!r} has no version {version!r}")
@@ -158,15 +156,6 @@ def _retire(storage, name: str, version: int) -> None:
     path = f"models/{name}/{RETIRED}"
     if version > retired_version(storage, name):
         storage.write_bytes(path, json.dumps({"version": version}).encode())
-
-
-def retired_version(storage, name: str) -> int:
-    """The highest version of ``name`` ever deleted (0: none): the registry numbers new versions above it."""
-    try:
-        value = json.loads(storage.read_bytes(f"models/{name}/{RETIRED}")).get("version")
-    except (FileNotFoundError, ValueError, AttributeError):
-        return 0
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 # ---------------------------------------------------------------- the sweep

@@ -33,7 +33,7 @@ def test_submit_yaml_full_document_and_bare_config(client, content_type):
     assert bare.get_json()["config"]["training"]["epochs"] == 1
 
 
-def stub_build(src, out, *, name, job_id, checkpoint):
+def stub_build(src, out, *, name, job_id, checkpoint, runtimes=None):
     """The registry's build step without torch: placeholder files and the card fields the registry keeps."""
     for file in ("model.pt", "model.safetensors"):
         Path(out, file).write_bytes(b"stub")
@@ -225,8 +225,8 @@ def test_unknown_job_is_404(client, method, suffix):
 
 
 def test_wrong_method_and_unknown_route(client, job):
-    err = error_of(client.delete(f"/v1/jobs/{job['id']}"), 405)
-    assert err["code"] == "method_not_allowed" and "GET" in err["details"]["allowed"]
+    err = error_of(client.patch(f"/v1/jobs/{job['id']}"), 405)
+    assert err["code"] == "method_not_allowed" and {"GET", "DELETE"} <= set(err["details"]["allowed"])
     assert error_of(client.put("/v1/jobs"), 405)
     assert error_of(client.get(f"/v1/jobs/{job['id']}/cancel"), 405)
     assert error_of(client.get("/v1/nothing-here"), 404)["code"] == "not_found"
