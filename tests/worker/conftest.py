@@ -3,12 +3,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import tempfile
 import uuid
 
 import pytest
+import redis
 import sqlalchemy as sa
 
+from worker.app import make_celery
 from worker.db import migrate, make_engine
+from worker.redis_server import RedisServer
 from worker.store import JobStore
 
 POSTGRES_URL = os.environ.get("KILN_TEST_POSTGRES_URL", "")
@@ -51,3 +56,29 @@ def store(db_settings) -> JobStore:
 
 TINY = {"model": {"name": "small_cnn"}, "data": {"dataset": "digits", "image_size": 16, "subset": 200},
         "training": {"epochs": 2, "batch_size": 32, "device": "cpu"}}
+
+
+@pytest.fixture
+def broker_settings(db_settings):
+    """db_settings with a real Redis of its own as the broker (reconciling on every call)."""
+    directory = tempfile.mkdtemp(prefix="kr", dir="/tmp")  # unix socket paths must stay short
+    server = RedisServer(directory).start()
+    try:
+        yield dataclasses.replace(db_settings, redis_url=server.url, reconcile_every_s=0.0)
+    finally:
+        server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def celery_app(broker_settings):
+    app = make_celery(broker_settings)
+    yield app
+    app.close()
+
+
+@pytest.fixture
+def client(broker_settings):
+    c = redis.Redis.from_url(broker_settings.redis_client_url)
+    yield c
+    c.close()

@@ -3,43 +3,11 @@ view of the queue and the facade's queue depth. No fake Redis: the message forma
 from __future__ import annotations
 
 import dataclasses
-import shutil
-import tempfile
 
-import pytest
-import redis
 
-from worker.app import make_celery
 from worker.protocol import send_job
 from worker.reconcile import queued_in_broker, reconcile
-from worker.redis_server import RedisServer
 from worker.service import Kiln
-
-
-@pytest.fixture
-def broker_settings(db_settings):
-    directory = tempfile.mkdtemp(prefix="kr", dir="/tmp")  # unix socket paths must stay short
-    server = RedisServer(directory).start()
-    try:
-        yield dataclasses.replace(db_settings, redis_url=server.url, reconcile_every_s=0.0)
-    finally:
-        server.stop()
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-@pytest.fixture
-def celery_app(broker_settings):
-    app = make_celery(broker_settings)
-    yield app
-    app.close()
-
-
-@pytest.fixture
-def client(broker_settings):
-    c = redis.Redis.from_url(broker_settings.redis_client_url)
-    yield c
-    c.close()
-
 
 def test_queued_in_broker_reads_kombus_messages_at_every_priority(store, celery_app, client):
     """kombu keeps priorities 1-9 in separate lists (kiln\\x06\\x163, ...): each one is read."""

@@ -6,42 +6,13 @@ Real Redis, a real kombu consumer."""
 from __future__ import annotations
 
 import dataclasses
-import shutil
-import tempfile
 import time
 
 import pytest
 import redis
 
-from worker.app import make_celery
 from worker.protocol import send_job
 from worker.reconcile import queued_in_broker, reconcile, taken_recently
-from worker.redis_server import RedisServer
-
-
-@pytest.fixture
-def broker_settings(db_settings):
-    directory = tempfile.mkdtemp(prefix="kr", dir="/tmp")  # unix socket paths must stay short
-    server = RedisServer(directory).start()
-    try:
-        yield dataclasses.replace(db_settings, redis_url=server.url, reconcile_every_s=0.0, lease_timeout_s=30.0)
-    finally:
-        server.stop()
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-@pytest.fixture
-def celery_app(broker_settings):
-    app = make_celery(broker_settings)
-    yield app
-    app.close()
-
-
-@pytest.fixture
-def client(broker_settings):
-    c = redis.Redis.from_url(broker_settings.redis_client_url)
-    yield c
-    c.close()
 
 
 def take(app, queue: str = "kiln"):
@@ -51,6 +22,12 @@ def take(app, queue: str = "kiln"):
     message = channel.basic_get(queue, no_ack=False)
     assert message is not None
     return conn, message
+
+
+@pytest.fixture
+def broker_settings(broker_settings):
+    """A lease timeout short enough to see a message age past it."""
+    return dataclasses.replace(broker_settings, lease_timeout_s=30.0)
 
 
 def test_a_message_taken_a_moment_ago_is_not_sent_again(store, celery_app, client, broker_settings):
