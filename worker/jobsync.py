@@ -1,6 +1,10 @@
 """What keeps a job's directory and storage in step, in the job process: files that changed since
 the last round (size or mtime) are hashed, uploaded when storage is remote, and their sha256 is
-recorded in storage; rounds run on a background thread so the training loop never waits on them."""
+recorded in storage; rounds run on a background thread so the training loop never waits on them.
+
+Checkpoints are written by a background writer after the epoch's round may have started, so between
+requested rounds the thread also looks at checkpoints/ every ``poll_s`` and syncs a checkpoint as soon
+as its write has landed (a stat of a few files when nothing changed)."""
 from __future__ import annotations
 
 import hashlib
@@ -14,6 +18,8 @@ from ml.files import TEMP_PREFIX
 from worker.storage import CHUNK, INDEX
 
 log = logging.getLogger("kiln.worker")
+POLL_S = 1.0  # between requested rounds, how often checkpoints/ is looked at
+CHECKPOINTS = "checkpoints/"
 
 
 class Fenced(Exception):
@@ -23,10 +29,11 @@ class Fenced(Exception):
 class DirSync:
     """One job directory mirrored under ``prefix`` of ``storage`` (uploaded when remote)."""
 
-    def __init__(self, storage, local_dir: Path, prefix: str, fence=None):
+    def __init__(self, storage, local_dir: Path, prefix: str, fence=None, poll_s: float = POLL_S):
         """``fence()`` is True while this attempt holds the job's lease; each round's uploads and
         its record are refused (Fenced) unless it says so just before them."""
         self.storage, self.local_dir, self.prefix, self.fence = storage, Path(local_dir), prefix, fence
+        self.poll_s = poll_s
         self.fenced_out = False
         self.remote = storage.local_path("") is None
         self.seen: dict[str, tuple[int, int]] = {}  # name -> (size, mtime_ns) as last synced
@@ -41,8 +48,8 @@ class DirSync:
         """Treat what the directory holds now as synced (it was just downloaded from storage)."""
         self.seen = {name: key for name, _, key in self._files()}
 
-    def _files(self):
-        for p in sorted(self.local_dir.rglob("*")):
+    def _files(self, under: str = ""):
+        for p in sorted((self.local_dir / under).rglob("*")):
             if p.name.startswith(TEMP_PREFIX) or p.name == INDEX:
                 continue
             try:
@@ -52,12 +59,15 @@ class DirSync:
             if p.is_file():
                 yield p.relative_to(self.local_dir).as_posix(), p, (st.st_size, st.st_mtime_ns)
 
-    def sync_now(self) -> int:
-        """One round, on the calling thread: returns how many files it synced."""
+    def sync_now(self, under: str = "") -> int:
+        """One round, on the calling thread (of the files ``under`` a sub-folder, when given):
+        returns how many files it synced."""
         with self._lock:
             t0 = time.perf_counter()
             entries = {}
-            for name, path, key in self._files():
+            if under and not (self.local_dir / under).is_dir():
+                return 0
+            for name, path, key in self._files(under):
                 if self.seen.get(name) == key:
                     continue
                 if not entries:
@@ -116,19 +126,19 @@ class DirSync:
 
     def _loop(self) -> None:
         while True:
-            self._want.wait()
+            requested = self._want.wait(self.poll_s)
             self._want.clear()
             if self._stop:
                 break
-            self._guarded()
+            self._guarded("" if requested else CHECKPOINTS)
 
-    def _guarded(self) -> None:
+    def _guarded(self, under: str = "") -> None:
         try:
-            self.sync_now()
+            self.sync_now(under)
         except Fenced as exc:
             log.error("sync refused: %s", exc)
         except Exception as exc:  # the next round retries; the final one is waited for
-            log.warning("syncing the job directory to storage failed: %s", exc)
+            (log.warning if not under else log.debug)("syncing the job directory to storage failed: %s", exc)
 
     def close(self, retry_for_s: float = 0.0) -> bool:
         """Stop the background thread (after its round in flight), then one last round here, tried

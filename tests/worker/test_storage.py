@@ -188,3 +188,32 @@ def test_a_listing_that_never_settles_is_a_503_not_a_500(storage, monkeypatch):
     monkeypatch.setattr(storage.fs, "open", always_changed)
     with pytest.raises(Unavailable, match="kept changing"):
         storage.list("jobs/a")
+
+
+def test_a_checkpoint_written_after_the_epochs_round_lands_without_another_request(storage, tmp_path):
+    """The background checkpoint writer may finish after the epoch's round: the sync thread looks at
+    checkpoints/ between requests and sends the new file; other files wait for the next request."""
+    import time
+
+    from worker.jobsync import DirSync
+
+    work = tmp_path / "work"
+    (work / "checkpoints").mkdir(parents=True)
+    sync = DirSync(storage, work, "jobs/d", poll_s=0.05)
+    sync.remote = True  # upload even when storage is local, as for a bucket
+    sync.start()
+    try:
+        (work / "train.log").write_bytes(b"epoch 1\n")
+        sync.request()  # the epoch's round, before the writer has written
+        deadline = time.monotonic() + 10
+        while not storage.exists("jobs/d/train.log") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (work / "checkpoints" / "last.pt").write_bytes(b"epoch 1 weights")
+        (work / "train.log").write_bytes(b"epoch 1\nmore\n")
+        while not storage.exists("jobs/d/checkpoints/last.pt") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert storage.read_bytes("jobs/d/checkpoints/last.pt") == b"epoch 1 weights"
+        assert storage.read_bytes("jobs/d/train.log") == b"epoch 1\n"  # not polled: the next epoch sends it
+    finally:
+        sync.close()
+    assert storage.read_bytes("jobs/d/train.log") == b"epoch 1\nmore\n"
