@@ -27,6 +27,8 @@ JOB_KINDS = ("train", "predict", "sweep")
 JOB_STATES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
 ACTIVE_STATES = ("running", "cancelling")
+# what ml.runtimes can measure against eager when a model version is registered (KILN_SERVING_RUNTIMES)
+SERVING_RUNTIMES = ("onnxruntime", "compile", "bf16")
 
 
 def is_id(value) -> bool:

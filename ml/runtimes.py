@@ -17,12 +17,13 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from configs.names import SERVING_RUNTIMES
 from ml.inference import Predictor
 
 log = logging.getLogger(__name__)
 
 ONNX_FILE = "model.onnx"
-CANDIDATES = ("onnxruntime", "compile", "bf16")
+CANDIDATES = SERVING_RUNTIMES
 # compile: tens of seconds to build on a small CPU, built again at every load (its caches are
 # pickles); bf16: lossy. Both are measured only when asked for.
 DEFAULT_CANDIDATES = ("onnxruntime",)

@@ -21,7 +21,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from configs.names import MAX_VERSION, NAME_RE, is_id, parse_model_ref
+from configs.names import MAX_VERSION, NAME_RE, SERVING_RUNTIMES, is_id, parse_model_ref
 from ml.files import atomic_write
 from worker import db
 from worker.clock import iso, utcnow
@@ -85,13 +85,11 @@ def _shown(value) -> str:
 
 def serving_runtimes(settings) -> list[str]:
     """settings.serving_runtimes as a list, each name checked (InvalidInput names an unknown one)."""
-    from ml.runtimes import CANDIDATES
-
     names = [n.strip() for n in settings.serving_runtimes.split(",") if n.strip()]
-    unknown = [n for n in names if n not in CANDIDATES]
+    unknown = [n for n in names if n not in SERVING_RUNTIMES]
     if unknown:
         raise InvalidInput(f"KILN_SERVING_RUNTIMES names unknown runtime(s) {', '.join(unknown)} "
-                           f"(known: {', '.join(CANDIDATES)})")
+                           f"(known: {', '.join(SERVING_RUNTIMES)})")
     return names
 
 

@@ -76,8 +76,9 @@ class Kiln:
         if waits_for:
             workers.set_pending_reason(self.engine, job["id"], waits_for, in_hand=False)
         self.storage.write_recorded(f"jobs/{job['id']}", "config.yaml", dump_yaml(cfg).encode())
-        self._send(job)
-        return self.store.job_dict(self.store.get(job["id"]))
+        accepted = self.store.job_dict(self.store.get(job["id"]))  # queued, with its place in the queue
+        self._send(job)  # from here a warm worker may start it before this answer leaves
+        return accepted
 
     def _check_dataset(self, cfg) -> None:
         ds = cfg.data.dataset
