@@ -9,7 +9,6 @@ from datetime import timedelta
 import pytest
 import sqlalchemy as sa
 
-from tests.worker.test_broker import broker_settings, celery_app, client  # noqa: F401 (fixtures)
 from worker import db
 from worker.clock import utcnow
 from worker.errors import Conflict
