@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from configs import Settings
-from worker.procs import alive, cmdline, die_with_parent, end_group
+from worker.procs import alive, cmdline, die_with_parent, end_group, stop_session
 from worker.redis_server import RedisServer
 
 log = logging.getLogger("kiln.embedded")
@@ -45,14 +45,7 @@ class Child:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self, timeout: float = 20.0) -> None:
-        if not self.alive():
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        stop_session(self.proc, timeout)
 
 
 def child_env(settings: Settings) -> dict[str, str]:

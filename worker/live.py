@@ -23,6 +23,7 @@ import requests
 from configs import Settings
 from configs.names import TERMINAL_STATES
 from worker.db import make_engine, migrate
+from worker.procs import kill_session, stop_session
 from worker.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]  # the directory holding configs/, ml/, worker/, web/
@@ -102,17 +103,10 @@ class LiveService:
 
     def kill_worker(self) -> None:
         """SIGKILL the worker's whole process group (parent and children): no shutdown code runs."""
-        if self.worker is not None and self.worker.poll() is None:
-            os.killpg(self.worker.pid, signal.SIGKILL)
-            self.worker.wait()
+        kill_session(self.worker)
 
     def stop_worker(self) -> None:
-        if self.worker is not None and self.worker.poll() is None:
-            os.killpg(self.worker.pid, signal.SIGTERM)
-            try:
-                self.worker.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill_worker()
+        stop_session(self.worker, 30)
 
     # ------------------------------------------------------------------- web
     def start_web(self) -> None:
@@ -165,13 +159,7 @@ class LiveService:
 
     def stop(self) -> None:
         for proc in (self.web, self.worker):
-            if proc is not None and proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+            stop_session(proc, 20)
         self.redis.stop()
         make_engine(self.settings).dispose()
         shutil.rmtree(self.redis.directory, ignore_errors=True)

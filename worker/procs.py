@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import subprocess
 import time
 
 PR_SET_PDEATHSIG = 1
@@ -43,6 +44,24 @@ def cmdline(pid: int) -> str:
             return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
     except OSError:
         return ""
+
+
+def kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL the process group a ``start_new_session`` child leads, and reap the child."""
+    if proc is not None and proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def stop_session(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """SIGTERM the process group a ``start_new_session`` child leads; SIGKILL it after ``timeout``."""
+    if proc is None or proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        kill_session(proc)
 
 
 def end_group(pgid: int, sig: int = signal.SIGTERM, grace_s: float = 10.0) -> None:

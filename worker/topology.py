@@ -22,6 +22,7 @@ import sqlalchemy as sa
 from configs import Settings
 from worker.db import make_engine, migrate
 from worker.live import ROOT, free_port
+from worker.procs import kill_session, stop_session
 from worker.redis_server import redis_binary
 
 BUCKET, PREFIX = "kiln-topology", "kiln"
@@ -228,17 +229,10 @@ class Host:
 
     def kill(self) -> None:
         """SIGKILL the host's whole process group (its job process dies with its parent)."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        kill_session(self.proc)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop_session(self.proc, 30)
 
 
 class Cluster:
