@@ -30,6 +30,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from worker import workers
+from worker.workers import gpus_needed
+
 log = logging.getLogger("kiln.worker")
 NEVER_FITS_RETRY_S = 10.0
 NOTE_EVERY_S = 5.0  # a waiting job's pending reason (and its "in a worker's hands" mark) is refreshed this often
@@ -46,30 +49,6 @@ def visible_gpus() -> list[str]:
     except (OSError, subprocess.SubprocessError):
         return []
     return [str(i) for i, _ in enumerate(line for line in out.splitlines() if line.startswith("GPU "))]
-
-
-def gpus_needed(kind: str, config: dict, host_gpus: int) -> int:
-    """GPUs a job takes on a host with ``host_gpus`` of them: 0 on a host without GPUs and for
-    jobs on device cpu/mps; ``training.processes`` for a train job on device auto/cuda (``auto``:
-    all of the host's); 1 for a single-device train (cuda:N) or predict job."""
-    if host_gpus <= 0 or not isinstance(config, dict):
-        return 0
-    if kind == "train":
-        training = config.get("training") or {}
-        device, processes = str(training.get("device", "auto")), training.get("processes", 1)
-        if device in ("cpu", "mps"):
-            return 0
-        if device.startswith("cuda:"):
-            return 1
-        if processes == "auto":
-            return host_gpus
-        try:
-            return max(1, int(processes))
-        except (TypeError, ValueError):
-            return 1
-    if kind == "predict":
-        return 0 if str(config.get("device", "auto")) in ("cpu", "mps") else 1
-    return 0  # a sweep's parent only creates and watches its trials
 
 
 def _plural(n: int) -> str:
@@ -209,8 +188,6 @@ def wait_for_gpus(alloc: Allocator, engine, job: dict, worker: str, *, poll_s: f
     when another live worker advertises enough free GPUs (checked each ``note_every_s``): the
     message goes back to the queue, where that worker can take it, instead of waiting here.
     """
-    from worker import workers
-
     need = gpus_needed(job["kind"], job["config"], alloc.total)
     if need > alloc.total:
         reason = (f"needs {_plural(need)} (training.processes) but worker {worker} has {alloc.total}; "
@@ -249,7 +226,5 @@ def reserve_for_job(ctx, job: dict) -> Reservation | str:
     """worker.runner's call: the job's GPUs on this host (see ``wait_for_gpus``); Requeue for a job
     this host can never hold, or one another worker can run now (the runner sends it back to the
     queue, retried in ``exc.retry_in`` s)."""
-    from worker.workers import live_within_s
-
     return wait_for_gpus(host_allocator(ctx.settings), ctx.store.engine, job, ctx.worker_name,
-                         live_within_s=live_within_s(ctx.settings))
+                         live_within_s=workers.live_within_s(ctx.settings))

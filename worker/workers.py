@@ -87,16 +87,38 @@ def other_worker_with_free_gpus(engine: sa.Engine, me: str, need: int, live_with
 
 # ------------------------------------------------------------------ submit
 
+def gpus_needed(kind: str, config: dict, host_gpus: int) -> int:
+    """GPUs a job takes on a host with ``host_gpus`` of them: 0 on a host without GPUs and for
+    jobs on device cpu/mps; ``training.processes`` for a train job on device auto/cuda (``auto``:
+    all of the host's); 1 for a single-device train (cuda:N) or predict job."""
+    if host_gpus <= 0 or not isinstance(config, dict):
+        return 0
+    if kind == "train":
+        training = config.get("training") or {}
+        device, processes = str(training.get("device", "auto")), training.get("processes", 1)
+        if device in ("cpu", "mps"):
+            return 0
+        if device.startswith("cuda:"):
+            return 1
+        if processes == "auto":
+            return host_gpus
+        try:
+            return max(1, int(processes))
+        except (TypeError, ValueError):
+            return 1
+    if kind == "predict":
+        return 0 if str(config.get("device", "auto")) in ("cpu", "mps") else 1
+    return 0  # a sweep's parent only creates and watches its trials
+
+
 def requested_gpus(kind: str, config: dict) -> int | None:
-    """GPUs a job asks for by number on a GPU worker: ``training.processes`` of a train job on
-    device auto/cuda; None when any GPU worker can hold it (auto, one process, a CPU job)."""
-    if kind != "train":
+    """GPUs a job asks for by number on a GPU worker: ``training.processes`` (> 1) of a train job
+    that runs on GPUs; None when any GPU worker can hold it (auto, one process, a CPU job)."""
+    processes = (config.get("training") or {}).get("processes", 1) if kind == "train" else 1
+    if isinstance(processes, bool) or not isinstance(processes, int) or processes <= 1:
         return None
-    training = config.get("training") or {}
-    processes = training.get("processes", 1)
-    if str(training.get("device", "auto")) not in ("auto", "cuda") or not isinstance(processes, int):
-        return None
-    return processes if processes > 1 else None
+    need = gpus_needed(kind, config, host_gpus=processes)
+    return need if need > 1 else None
 
 
 def check_fits(engine: sa.Engine, kind: str, config: dict, settings) -> str | None:
