@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from worker import db, jobproc
 from worker.clock import utcnow
 from worker.jobproc import Outcome
+from worker.store import record_event
 
 log = logging.getLogger("kiln.worker")
 
@@ -122,6 +123,5 @@ def _record(engine: sa.Engine, job_id: str, outcome: dict) -> str:
     with engine.begin() as conn:
         progress = conn.execute(sa.select(J.c.progress).where(J.c.id == job_id)).scalar()
         conn.execute(J.update().where(J.c.id == job_id).values(progress={**(progress or {}), "promotion": outcome}))
-        conn.execute(db.job_events.insert().values(job_id=job_id, from_status="succeeded", to_status="succeeded",
-                                                   reason=text[:4000], at=utcnow()))
+        record_event(conn, job_id, "succeeded", "succeeded", text, utcnow())
     return text

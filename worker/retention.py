@@ -28,6 +28,7 @@ from worker import db
 from worker.clock import utcnow
 from worker.errors import Conflict, NotFound
 from worker.registry import RETIRED, is_name, model_prefix, retired_version
+from worker.store import record_event
 
 log = logging.getLogger("kiln.retention")
 J, E = db.jobs, db.job_events
@@ -177,10 +178,9 @@ def sweep_expired(engine, storage, ttl_days: float, *, now=None, limit: int = 10
                 if conn.execute(sa.select(E.c.id).where(E.c.job_id == row.id, E.c.reason.like(
                         f"{EXPIRED_REASON}%")).limit(1)).first() is not None:
                     continue
-                conn.execute(E.insert().values(
-                    job_id=row.id, from_status=row.status, to_status=row.status, at=utcnow(),
-                    reason=f"{EXPIRED_REASON}: {objects} stored object(s) removed, {ttl_days:g} days after the "
-                           "job finished (KILN_ARTIFACT_TTL_DAYS)"))
+                record_event(conn, row.id, row.status, row.status,
+                             f"{EXPIRED_REASON}: {objects} stored object(s) removed, {ttl_days:g} days after the "
+                             "job finished (KILN_ARTIFACT_TTL_DAYS)", utcnow())
             expired.append(row.id)
     orphans = remove_orphans(engine, storage)
     if expired or orphans:

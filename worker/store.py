@@ -42,6 +42,12 @@ RETRY = {"failed": {"queued"}, "cancelled": {"queued"}}  # JobStore.retry only: 
 J = db.jobs
 
 
+def record_event(conn, job_id: str, from_status: str | None, to_status: str, reason: str, at) -> None:
+    """One job_events row, in the caller's transaction (the reason cut to 4000 characters)."""
+    conn.execute(db.job_events.insert().values(job_id=job_id, from_status=from_status, to_status=to_status,
+                                               reason=reason[:4000], at=at))
+
+
 class JobStore:
     """Job rows, guarded transitions, leases, progress and cancel requests."""
 
@@ -127,8 +133,7 @@ class JobStore:
                 for r in rows]
 
     def _event(self, conn, job_id, from_status, to_status, reason, now) -> None:
-        conn.execute(db.job_events.insert().values(job_id=job_id, from_status=from_status, to_status=to_status,
-                                                   reason=reason[:4000], at=now))
+        record_event(conn, job_id, from_status, to_status, reason, now)
 
     # ----------------------------------------------------------- transitions
     def transition(self, job_id: str, to: str, reason, *, expect: tuple[str, ...] | None = None,

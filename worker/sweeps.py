@@ -27,7 +27,7 @@ from configs.sweep import draw_trials, sweep_dict, trial_config, trial_values
 from worker import db, workers
 from worker.clock import utcnow
 from worker.errors import Conflict, InvalidInput
-from worker.store import JobStore
+from worker.store import JobStore, record_event
 
 log = logging.getLogger("kiln.sweeps")
 J = db.jobs
@@ -57,9 +57,8 @@ def submit_sweep(kiln, config: dict, priority: int = 0) -> str:
         conn.execute(J.insert().values(id=sweep_id, kind="sweep", status="running", config=plain,
                                        max_attempts=1, created_at=now, started_at=now,
                                        progress={"percent": 0.0}, **{**common, "attempts": 1}))
-        conn.execute(db.job_events.insert().values(
-            job_id=sweep_id, from_status=None, to_status="running", at=now,
-            reason=f"submitted: {len(rows)} trials ({cfg.method}, seed {cfg.seed}); the sweep holds no worker"))
+        record_event(conn, sweep_id, None, "running",
+                     f"submitted: {len(rows)} trials ({cfg.method}, seed {cfg.seed}); the sweep holds no worker", now)
         conn.execute(J.insert(), rows)
         conn.execute(db.job_events.insert(), [dict(job_id=r["id"], from_status=None, to_status="queued", at=now,
                                                    reason=f"submitted as trial {i} of sweep {sweep_id}")
