@@ -124,34 +124,33 @@ def execute(job_id: str, ctx: Context, runners: dict[str, Runner] | None = None)
             raise Transient(str(exc), retry_in=exc.retry_in) from None
         if isinstance(reserved, str):
             return reserved  # the job was cancelled or another worker took it while we waited
-        if not store.acquire_lease(job_id, owner, s.lease_timeout_s):
-            reserved.release()
-            log.info("dropping message: job is leased by a live worker")
-            return "dropped: leased"
-        lease = Lease(store, job_id, owner, s.heartbeat_s, s.lease_timeout_s)
-        try:
-            row = store.get(job_id)
-            if row["status"] in ACTIVE:  # its last worker died; we hold the stale lease now
-                new = store.requeue_lost(job_id, f"worker {row['worker']} lost (lease expired)", owner=owner)
-                if new != "queued":
-                    return f"ended: {new}"
-            if not store.start(job_id, owner, ctx.worker_name):
-                return "dropped: not startable"
-            job = store.get(job_id)
-            runner = runners.get(job["kind"])
-            if runner is None:
-                store.finish(job_id, owner, "failed", "no runner", error=f"no runner for job kind {job['kind']!r} here")
-                return "failed"
-            outcome = _launch(job, ctx, owner, lease, runner, reserved.env())
-            return _record(job, ctx, owner, lease, outcome)
-        finally:
-            reserved.release()
-            lease.stop()
+        with reserved:  # the GPUs go back when this attempt ends, however it ends
+            if not store.acquire_lease(job_id, owner, s.lease_timeout_s):
+                log.info("dropping message: job is leased by a live worker")
+                return "dropped: leased"
+            lease = Lease(store, job_id, owner, s.heartbeat_s, s.lease_timeout_s)
             try:
-                store.release_lease(job_id, owner)
-            except Exception as exc:
-                log.warning("could not release the lease: %s", exc)
-            remove_scratch(ctx, job_id)
+                row = store.get(job_id)
+                if row["status"] in ACTIVE:  # its last worker died; we hold the stale lease now
+                    new = store.requeue_lost(job_id, f"worker {row['worker']} lost (lease expired)", owner=owner)
+                    if new != "queued":
+                        return f"ended: {new}"
+                if not store.start(job_id, owner, ctx.worker_name):
+                    return "dropped: not startable"
+                job = store.get(job_id)
+                runner = runners.get(job["kind"])
+                if runner is None:
+                    store.finish(job_id, owner, "failed", "no runner", error=f"no runner for job kind {job['kind']!r} here")
+                    return "failed"
+                outcome = _launch(job, ctx, owner, lease, runner, reserved.env())
+                return _record(job, ctx, owner, lease, outcome)
+            finally:
+                lease.stop()
+                try:
+                    store.release_lease(job_id, owner)
+                except Exception as exc:
+                    log.warning("could not release the lease: %s", exc)
+                remove_scratch(ctx, job_id)
 
 
 def _launch(job: dict, ctx: Context, owner: str, lease: Lease, runner: Runner, env: dict | None = None) -> Outcome:

@@ -265,3 +265,21 @@ def test_execute_hands_the_job_process_its_gpus_and_releases_them(store, db_sett
     assert all(results[j["id"]] == "succeeded" for j in jobs), results
     assert (seen / jobs[2]["id"]).read_text() in ("0,1", "2,3")
     assert alloc.free_ids() == FAKE
+
+
+def test_a_store_error_after_the_reservation_gives_the_gpus_back(store, db_settings, monkeypatch):
+    """The pool process lives on across jobs: a lease the store could not grant (an outage) must not
+    keep the GPUs it reserved for the job."""
+    from sqlalchemy.exc import OperationalError
+
+    alloc = gpus.configure(FAKE, db_settings)
+    job = new_job(store, train(2))
+
+    def store_down(*_args, **_kw):
+        raise OperationalError("UPDATE jobs", {}, Exception("the store is down"))
+
+    monkeypatch.setattr(store, "acquire_lease", store_down)
+    ctx = Context(db_settings, store, Storage(db_settings.storage), worker_name="gpu-node-1", launch="inline")
+    with pytest.raises(OperationalError):
+        execute(job["id"], ctx, {"train": lambda run: "completed"})
+    assert alloc.free_ids() == FAKE
