@@ -21,7 +21,7 @@ import sqlalchemy as sa
 import yaml
 
 from configs import dump_yaml, parse_config, to_dict as config_dict
-from configs.names import TERMINAL_STATES
+from configs.names import JOB_STATES, TERMINAL_STATES
 from configs.paths import check_paths
 from configs.sweep import draw_trials, sweep_dict, trial_config, trial_values
 from worker import db, workers
@@ -148,8 +148,7 @@ def summary(store: JobStore, sweep: dict) -> dict:
         config = rows[top["index"] - 1]["config"]
         best = {"id": top["id"], "index": top["index"], "values": top["values"], "metric": top["metric"],
                 "config": config}
-    counts = {s: sum(t["status"] == s for t in trials) for s in ("queued", "running", "cancelling", "succeeded",
-                                                                   "failed", "cancelled")}
+    counts = {s: sum(t["status"] == s for t in trials) for s in JOB_STATES}
     counts["stopped"] = sum(t["stopped"] for t in trials)
     return {"method": cfg.get("method"), "metric": metric, "mode": mode, "space": space,
             "halving": cfg.get("halving"), "total": len(trials), "counts": counts, "trials": trials, "best": best}
@@ -163,7 +162,7 @@ def stop_reason(row: dict) -> str | None:
 def with_sweep(store: JobStore, job: dict) -> dict:
     """A job's JSON with ``sweep`` (its trials and best trial) when it is a sweep."""
     if job.get("kind") == "sweep":
-        job["sweep"] = summary(store, store.get(job["id"]))
+        job["sweep"] = summary(store, job)  # its id and config are all the view reads of the sweep
     return job
 
 
