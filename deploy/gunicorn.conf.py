@@ -15,6 +15,11 @@ threads = int(os.environ.get("KILN_WEB_THREADS", 16))
 timeout = int(os.environ.get("KILN_WEB_TIMEOUT", 120))
 graceful_timeout = 30
 keepalive = 5
+# Each web process listens on its own SO_REUSEPORT socket and the kernel spreads new connections across
+# them. On one shared socket, whichever process woke first took the next connection: kept-alive clients
+# piled onto one process (30 of 32 once) while the other idled. TCP only (a unix socket is one file).
+# A plain bind of the same port still fails while Kiln holds it (`make run` checks that first).
+reuse_port = not bind.startswith(("unix:", "fd://"))
 preload_app = False
 accesslog = os.environ.get("KILN_ACCESS_LOG", None)
 errorlog = "-"

@@ -54,6 +54,12 @@ def test_sigkill_takes_the_tree_and_the_next_start_comes_up(tmp_path):
         second = MakeRun(run.home)
         line = one_line(second.launch_piped())
         assert "already running" in line and str(run.proc.pid) in line
+
+        # another home on the live one's port: refused, though each web process binds it with SO_REUSEPORT
+        elsewhere = MakeRun(run.home.parent / "other", port=run.port)
+        line = one_line(elsewhere.launch_piped())
+        assert f"127.0.0.1:{run.port}" in line and "PORT=" in line
+        assert run.http.get(run.url("/health"), timeout=10).status_code == 200
     finally:
         run.stop()
     assert run.proc.returncode == 0
