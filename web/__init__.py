@@ -37,4 +37,5 @@ def create_app(settings=None) -> "Flask":
         app.register_blueprint(module.bp)
     from web import retention  # the DELETE routes
     app.register_blueprint(retention.bp)
+    predict.install(app)  # a raw-image POST /predict skips Flask's per-request machinery (same checks, same answers)
     return app

@@ -92,9 +92,30 @@ def required_scope(endpoint: str | None, rule: str | None, settings) -> str | No
 
 
 def _bearer() -> str | None:
-    header = request.headers.get("Authorization", "")
+    return bearer(request.headers.get("Authorization", ""))
+
+
+def bearer(header: str) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header value, or None."""
     scheme, _, value = header.partition(" ")
     return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+
+
+def granted(app, header: str, endpoint: str) -> bool:
+    """Whether a request to ``endpoint`` with this Authorization header value passes ``check_request``
+    (always with auth off). For a path that bypasses Flask: on False it hands the request to Flask,
+    whose check says why (401, 403, or 503 when the store is down), so nothing is raised here."""
+    settings = app_settings(app)
+    if not settings.auth_enabled:
+        return True
+    token = bearer(header)
+    if token is None:
+        return False
+    try:
+        row = token_store(app).verify(token)
+    except Exception:  # noqa: BLE001 - check_request meets it again and answers for it
+        return False
+    return row is not None and allows(row["scopes"], ENDPOINT_SCOPES[endpoint])
 
 
 def check_request():

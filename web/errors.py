@@ -21,9 +21,33 @@ SMALL_BODY_BYTES = 1 << 20
 LARGE_BODY_ENDPOINTS = ("datasets.create", "predict.predict")
 
 
+INTERNAL_MESSAGE = "internal server error; the server log has the details"
+
+
+def error_document(code: str, message: str, details=None) -> dict:
+    """The JSON body of every error: {"error": {"code", "message", "details"}}."""
+    return {"error": {"code": code, "message": message, "details": details}}
+
+
+def describe(exc: Exception, logger) -> tuple[int, dict, dict]:
+    """(status, JSON body, headers) for an exception a route raised, outside Flask's handlers too.
+
+    KilnErrors say what they are; a dependency that is down is a 503 naming it (its raw text, which
+    may hold hostnames or DSNs, goes to ``logger`` only); anything else is a 500, logged with its trace.
+    """
+    if not isinstance(exc, KilnError):
+        down = unavailable(exc)
+        if down is None:
+            logger.exception("unhandled error: %s", exc)
+            return 500, error_document("internal_error", INTERNAL_MESSAGE), {}
+        logger.warning("%s: %s: %s", down.message, type(exc).__name__, exc)
+        exc = down
+    return exc.status, error_document(exc.code, exc.message, exc.details), exc.headers
+
+
 def error_response(status: int, code: str, message: str, details=None, headers=None):
     """The JSON error body with its status (and extra headers such as Allow or Retry-After)."""
-    resp = jsonify({"error": {"code": code, "message": message, "details": details}})
+    resp = jsonify(error_document(code, message, details))
     resp.status_code = status
     for key, value in (headers or {}).items():
         resp.headers[key] = value
@@ -43,8 +67,13 @@ def too_large_message(limit: int | None = None) -> str:
     return f"the request body is over the limit of {limit} bytes" if limit else "the request body is too large"
 
 
-def _kiln_error(exc: KilnError):
-    return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
+def _error(exc: Exception):
+    """Flask's handler for KilnErrors and unexpected exceptions alike (see ``describe``)."""
+    status, body, headers = describe(exc, current_app.logger)
+    resp = jsonify(body)
+    resp.status_code = status
+    resp.headers.update(headers)
+    return resp
 
 
 def _config_error(exc: ConfigError):
@@ -63,15 +92,6 @@ def _http_error(exc: HTTPException):
     if status == 405 and "Allow" in headers:
         details = {"allowed": [m.strip() for m in headers["Allow"].split(",")]}
     return error_response(status, code, message, details, headers)
-
-
-def _unexpected(exc: Exception):
-    down = unavailable(exc)
-    if down is not None:  # the raw text (hostnames, DSNs) goes to the log only
-        current_app.logger.warning("%s: %s: %s", down.message, type(exc).__name__, exc)
-        return _kiln_error(down)
-    current_app.logger.exception("unhandled error: %s", exc)
-    return error_response(500, "internal_error", "internal server error; the server log has the details")
 
 
 # ------------------------------------------------------------------ request guards
@@ -123,7 +143,7 @@ def init_guards(app) -> None:
 
 def init_app(app) -> None:
     """Register the JSON error handlers on the app."""
-    app.register_error_handler(KilnError, _kiln_error)
+    app.register_error_handler(KilnError, _error)
     app.register_error_handler(ConfigError, _config_error)
     app.register_error_handler(HTTPException, _http_error)
-    app.register_error_handler(Exception, _unexpected)
+    app.register_error_handler(Exception, _error)

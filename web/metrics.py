@@ -70,18 +70,22 @@ _children: dict[tuple, tuple] = {}  # (method, route, status) -> (counter child,
 
 
 def _record(response):
-    t0 = g.get("kiln_t0")
     route = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
-    method = request.method if request.method in _METHODS else "OTHER"  # bounded label values
-    key = (method, route, response.status_code)
+    record_request(request.method, route, response.status_code, g.get("kiln_t0"))
+    return response
+
+
+def record_request(method: str, route: str, status: int, t0: float | None) -> None:
+    """Count one request by method, route (URL rule) and status, and time it from ``t0`` (perf_counter)."""
+    method = method if method in _METHODS else "OTHER"  # bounded label values
+    key = (method, route, status)
     pair = _children.get(key)
     if pair is None:  # labels() validates and locks on every call: look each child up once
-        pair = _children[key] = (HTTP_REQUESTS.labels(key[0], route, str(key[2])),
-                                 HTTP_LATENCY.labels(key[0], route))
+        pair = _children[key] = (HTTP_REQUESTS.labels(method, route, str(status)),
+                                 HTTP_LATENCY.labels(method, route))
     pair[0].inc()
     if t0 is not None:
         pair[1].observe(time.perf_counter() - t0)
-    return response
 
 
 # ------------------------------------------------------------------ scrape-time

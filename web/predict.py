@@ -10,23 +10,29 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import re
+import time
 import warnings
 from concurrent.futures import TimeoutError as FutureTimeout
+from urllib.parse import parse_qsl
 
 import numpy as np
 from flask import Blueprint, current_app, request
 from PIL import Image
+from werkzeug.http import HTTP_STATUS_CODES
 
 from configs.names import MODEL_REF_RE
 from ml import images
-from web import context
-from web.metrics import observe_batch, observe_inputs, observe_queue_wait
+from web import auth, context, errors
+from web.metrics import observe_batch, observe_inputs, observe_queue_wait, record_request
 from web.serving.web_app import serving
 from web.serving.web_client import ForwardError
 from worker.errors import BadRequest, InvalidInput, PayloadTooLarge, Unavailable, UnsupportedMediaType
 
+log = logging.getLogger(__name__)
 bp = Blueprint("predict", __name__)
+ENDPOINT = "predict.predict"
 
 
 @bp.record_once
@@ -119,13 +125,13 @@ def _over_budget(total: int, budget: int, what: str = "pixels") -> PayloadTooLar
                            details={"pixels": total, "limit": budget})
 
 
-def read_inputs(settings) -> list:
-    """The request's inputs, in order: PIL images (headers read, pixels not decoded) or nested pixel lists.
+def read_inputs(items: list, settings) -> list:
+    """The raw ``items`` (bytes, base64 str or nested lists) as inputs, in order: PIL images (headers read,
+    pixels not decoded) or nested pixel lists.
 
     Refuses, before decoding anything, more than ``max_predict_images`` inputs, an image over
     ``max_image_pixels`` and a request whose inputs hold more than the pixel budget.
     """
-    items = _body_items(settings)
     if not items:
         raise BadRequest("no inputs: send at least one image")
     limit = settings.max_predict_images
@@ -173,8 +179,20 @@ def _prepare(served, inputs: list) -> np.ndarray:
 
 # ------------------------------------------------------------------- route
 
-def _query_top_k(num_classes: int) -> int:
-    raw = request.args.get("top_k", "5")
+def model_ref(raw: str | None, settings) -> str:
+    """The ?model= reference (KILN_DEFAULT_MODEL when absent), checked before anything is read."""
+    ref = raw or settings.default_model
+    if not ref:
+        raise BadRequest("no model given: pass ?model=name, name:version or name@alias "
+                         "(or set KILN_DEFAULT_MODEL)")
+    if not re.fullmatch(MODEL_REF_RE, ref):
+        raise InvalidInput(f"model reference {ref!r} is not name, name:version or name@alias", code="bad_model_ref")
+    return ref
+
+
+def top_k(raw: str | None, num_classes: int) -> int:
+    """The ?top_k= query value (5 when absent), at most the model's class count."""
+    raw = "5" if raw is None else raw
     if not re.fullmatch(r"[0-9]{1,6}", raw) or int(raw) < 1:
         raise InvalidInput(f"top_k must be a positive integer, got {raw!r}", code="bad_top_k")
     return min(int(raw), num_classes)
@@ -184,29 +202,22 @@ def _query_top_k(num_classes: int) -> int:
 def predict():
     """Classify one or more images with a registered model (?model=name|name:version|name@alias)."""
     settings = context.settings()
-    ref = request.args.get("model") or settings.default_model
-    if not ref:
-        raise BadRequest("no model given: pass ?model=name, name:version or name@alias "
-                         "(or set KILN_DEFAULT_MODEL)")
-    if not re.fullmatch(MODEL_REF_RE, ref):
-        raise InvalidInput(f"model reference {ref!r} is not name, name:version or name@alias", code="bad_model_ref")
-    inputs = read_inputs(settings)  # sizes checked before the model is even looked up
-    served, rows = _run(ref, inputs)
-    body = {"model": {"name": served.name, "version": served.version, "runtime": served.model.runtime},
-            "predictions": served.model.label_rows(*rows)}
-    return current_app.response_class(json.dumps(body, separators=(",", ":")), mimetype="application/json")
+    ref = model_ref(request.args.get("model"), settings)
+    inputs = read_inputs(_body_items(settings), settings)  # sizes checked before the model is even looked up
+    body = answer(current_app, ref, inputs, request.args.get("top_k"))
+    return current_app.response_class(body, mimetype="application/json")
 
 
-def _run(ref: str, inputs: list):
-    """(the Served that answered, its (probabilities, indices) rows) for this request's inputs."""
+def answer(app, ref: str, inputs: list, raw_top_k: str | None) -> bytes:
+    """The JSON answer for ``inputs`` classified by the model ``ref`` names (4xx/503 as KilnError)."""
     try:  # ForwardDied (the forward process died loading it) is a 503 as it is
-        served = serving().models.get(ref)
+        served = serving(app).models.get(ref)
     except ForwardError as exc:
         raise _forward_fault(exc, ref) from exc
-    top_k = _query_top_k(len(served.model.classes))
+    k = top_k(raw_top_k, len(served.model.classes))
     arrays = _prepare(served, inputs)
     try:  # ForwardDied is Unavailable already: 503 as it is
-        future = served.model.submit(arrays, top_k)
+        future = served.model.submit(arrays, k)
         out = future.result(timeout=PREDICT_TIMEOUT_S)
     except ForwardError as exc:
         raise _forward_fault(exc, f"{served.name}:{served.version}") from exc
@@ -218,7 +229,9 @@ def _run(ref: str, inputs: list):
         observe_batch(out["batch"], out["wait_s"])
     else:
         observe_queue_wait(out["wait_s"])
-    return served, (out["values"], out["indices"])
+    body = {"model": {"name": served.name, "version": served.version, "runtime": served.model.runtime},
+            "predictions": served.model.label_rows(out["values"], out["indices"])}
+    return json.dumps(body, separators=(",", ":")).encode()
 
 
 def _forward_fault(exc: ForwardError, model: str) -> Exception:
@@ -230,3 +243,80 @@ def _forward_fault(exc: ForwardError, model: str) -> Exception:
         return Unavailable(f"server busy ({exc.kind}: {exc.detail}); retry shortly")
     # a server-side fault on valid input (a corrupt stored model...): 500, its cause in the server log
     return RuntimeError(f"model {model} failed in the forward process: {exc}")
+
+
+# ------------------------------------------------------------ lean path
+
+RAW_TYPES = ("image/", "application/octet-stream")
+
+
+class RawImagePath:
+    """WSGI in front of the Flask app: a plain ``POST /predict`` of one raw image body is answered here.
+
+    That request is the one clients send at high rates, and Flask's per-request machinery (request
+    context, routing, hooks, response objects) cost more CPU than everything /predict itself does.
+    This path runs the same steps in the same order — the body limit, the NUL check, the token's
+    scope, the model reference, the image checks, the forward pass — with the same functions, times
+    the request into the same metrics and answers errors with the same JSON. Any request it is not
+    sure of before reading the body (another route or method, multipart or JSON, no Content-Length,
+    a body over the limit, an unusual query string, a token that is missing, refused or cannot be
+    checked) goes to Flask, which answers it as it always has.
+    """
+
+    def __init__(self, app):
+        self.app, self.flask = app, app.wsgi_app
+        self.settings = context.settings(app)
+        self.limit = errors.body_limit(ENDPOINT, self.settings)
+
+    def __call__(self, environ, start_response):
+        length = self._length(environ)
+        query = None if length is None else self._query(environ.get("QUERY_STRING", ""))
+        if query is None or not auth.granted(self.app, environ.get("HTTP_AUTHORIZATION", ""), ENDPOINT):
+            return self.flask(environ, start_response)
+        t0 = time.perf_counter()
+        try:
+            ref = model_ref(query.get("model"), self.settings)
+            data = environ["wsgi.input"].read(length)
+            if len(data) != length:
+                raise BadRequest(f"the request body ended after {len(data)} of its {length} bytes")
+            body = answer(self.app, ref, read_inputs([data], self.settings), query.get("top_k"))
+            status, headers = 200, {}
+        except Exception as exc:  # noqa: BLE001 - every error leaves as JSON, as from Flask's handlers
+            status, document, headers = errors.describe(exc, log)
+            body = json.dumps(document, separators=(",", ":")).encode()
+        record_request("POST", "/predict", status, t0)
+        start_response(f"{status} {HTTP_STATUS_CODES.get(status, 'Error')}",
+                       [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+                        *headers.items()])
+        return [body]
+
+    def _length(self, environ) -> int | None:
+        """The body's length when this is a POST /predict of one raw image within the body limit, else None."""
+        if environ.get("PATH_INFO") != "/predict" or environ.get("REQUEST_METHOD") != "POST":
+            return None
+        mimetype = environ.get("CONTENT_TYPE", "").partition(";")[0].strip().lower()
+        if not (mimetype.startswith(RAW_TYPES[0]) or mimetype == RAW_TYPES[1]):
+            return None
+        raw = environ.get("CONTENT_LENGTH", "")
+        if not raw.isdigit() or "HTTP_TRANSFER_ENCODING" in environ:
+            return None
+        length = int(raw)
+        return length if 0 < length <= self.limit else None
+
+    @staticmethod
+    def _query(text: str) -> dict[str, str] | None:
+        """The query's parameters (the first of each name), or None for one that Flask should read:
+        not ASCII, or holding a NUL."""
+        if not text.isascii():
+            return None
+        out: dict[str, str] = {}
+        for key, value in parse_qsl(text, keep_blank_values=True):
+            if "\x00" in key or "\x00" in value:
+                return None
+            out.setdefault(key, value)
+        return out
+
+
+def install(app) -> None:
+    """Put the lean path in front of ``app``'s WSGI callable (the Flask app serves everything else)."""
+    app.wsgi_app = RawImagePath(app)
