@@ -23,6 +23,7 @@ from ml.inference import Predictor
 log = logging.getLogger(__name__)
 
 ONNX_FILE = "model.onnx"
+CROPPED_KEY = "kiln.cropped_convs"  # model.onnx metadata: Convs whose padding-only kernel taps were cut
 CANDIDATES = SERVING_RUNTIMES
 # compile: tens of seconds to build on a small CPU, built again at every load (its caches are
 # pickles); bf16: lossy. Both are measured only when asked for.
@@ -86,7 +87,8 @@ class OnnxRuntime:
         self.path = str(path)
         self._sessions: dict[int, object] = {}
         self._lock = threading.Lock()
-        self._session(1)
+        meta = self._session(1).get_modelmeta().custom_metadata_map
+        self.cropped_convs = int(meta.get(CROPPED_KEY, 0))
 
     def _session(self, threads: int):
         session = self._sessions.get(threads)
@@ -189,7 +191,21 @@ def export_onnx(predictor: Predictor, path: str | Path) -> Path:
             batch = torch.export.Dim("n", min=1, max=1 << 16)
             torch.onnx.export(graph, (x,), str(path), dynamo=True, external_data=False,
                               dynamic_shapes={"x": {0: batch}}, verbose=False, **names)
+    _rewrite(path)
     return Path(path)
+
+
+def _rewrite(path: str | Path) -> None:
+    """Apply ml.onnx_passes' exact rewrites to the file at ``path``; the file records how many Convs they cropped."""
+    import onnx
+
+    from ml.onnx_passes import crop_padding_taps
+
+    model = onnx.load(str(path))
+    cropped = crop_padding_taps(model)
+    if cropped:
+        model.metadata_props.add(key=CROPPED_KEY, value=str(cropped))
+        onnx.save(model, str(path))
 
 
 def _candidate(name: str, predictor: Predictor, out_dir: Path) -> Runtime:
@@ -253,6 +269,8 @@ def _build(predictor: Predictor, out_dir: Path, candidates: tuple) -> dict:
             runtime = _candidate(name, predictor, out_dir)
             check = agreement(runtime.probabilities(reference), expected)
             entry = {"build_s": round(time.perf_counter() - t0, 3), **check, "tolerance": tolerance}
+            if getattr(runtime, "cropped_convs", 0):
+                entry["cropped_convs"] = runtime.cropped_convs  # ml.onnx_passes.crop_padding_taps
             entry.update(measure(runtime, reference) if agrees(check, tolerance) else
                          {"rejected": "outputs differ from eager beyond the tolerance"})
         except Exception as exc:  # noqa: BLE001 - a runtime that cannot be built: eager serves
