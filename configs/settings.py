@@ -75,7 +75,8 @@ class Settings:
     # serving
     default_model: str = ""
     max_batch_size: int = 32
-    max_delay_ms: float = 5.0
+    # a forming batch waits this long for more inputs; 0 = a batch is whatever waits when a forward worker is free
+    max_delay_ms: float = 0.0
     # web: workers of the host's forward process, one intra-op thread each; 0 = one per core
     forward_workers: int = 0
     model_refresh_s: float = 2.0

@@ -28,13 +28,15 @@ class Batcher:
     """Gathers payloads submitted from many threads into calls of ``fn(list) -> list`` on its workers.
 
     A worker that is free takes everything queued, so a lone request runs at once and,
-    under load, requests that arrive while batches run form the next batch. A forming
-    batch waits (at most ``max_delay_ms``) only while it holds fewer inputs than the
-    recent batches did: closed-loop clients come back as soon as they get their answers.
+    under load, requests that arrive while batches run form the next batch. With
+    ``max_delay_ms`` above 0 a forming batch also waits (at most that long) while it holds
+    fewer inputs than the recent batches did: closed-loop clients come back as soon as they
+    get their answers. By default it does not wait: under load requests queue while the
+    workers run and batches fill on their own, and a wait only idles the cores.
     """
 
     def __init__(self, fn: Callable[[list], Sequence], *, max_batch_size: int = 32,
-                 max_delay_ms: float = 5.0, size: Callable[[Any], int] = lambda p: 1,
+                 max_delay_ms: float = 0.0, size: Callable[[Any], int] = lambda p: 1,
                  max_queue: int = 1024, name: str = "batcher", workers: int = 1,
                  external_primary: bool = False):
         self.fn, self.size = fn, size

@@ -308,7 +308,7 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m web.serving.forward_process", description="Kiln's forward process")
     ap.add_argument("--workers", type=int, default=1, help="forward workers (one intra-op thread each)")
     ap.add_argument("--max-batch-size", type=int, default=32)
-    ap.add_argument("--max-delay-ms", type=float, default=5.0)
+    ap.add_argument("--max-delay-ms", type=float, default=0.0)
     ap.add_argument("--max-models", type=int, default=4, help="model versions kept loaded (least recently used go)")
     ap.add_argument("--max-queue", type=int, default=256, help="inputs of one model that may wait (more: QueueFull)")
     ap.add_argument("--device", default="")

@@ -54,7 +54,7 @@ class ForwardClient:
     ``device`` configure a forward process this client starts. ``hang_s``: see HANG_S.
     """
 
-    def __init__(self, *, workers: int = 1, max_batch_size: int = 32, max_delay_ms: float = 5.0,
+    def __init__(self, *, workers: int = 1, max_batch_size: int = 32, max_delay_ms: float = 0.0,
                  max_models: int = 4, max_queue: int = 256, device: str | None = None,
                  address: SocketPlace | str | None = None, hang_s: float = HANG_S):
         self.workers, self.device = max(1, int(workers)), device
