@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import logging
 import re
 import time
 import warnings
@@ -30,7 +29,6 @@ from web.serving.web_app import serving
 from web.serving.web_client import ForwardError
 from worker.errors import BadRequest, InvalidInput, PayloadTooLarge, Unavailable, UnsupportedMediaType
 
-log = logging.getLogger(__name__)
 bp = Blueprint("predict", __name__)
 ENDPOINT = "predict.predict"
 
@@ -282,7 +280,7 @@ class RawImagePath:
             body = answer(self.app, ref, read_inputs([data], self.settings), query.get("top_k"))
             status, headers = 200, {}
         except Exception as exc:  # noqa: BLE001 - every error leaves as JSON, as from Flask's handlers
-            status, document, headers = errors.describe(exc, log)
+            status, document, headers = errors.describe(exc, self.app.logger)
             body = json.dumps(document, separators=(",", ":")).encode()
         record_request("POST", "/predict", status, t0)
         start_response(f"{status} {HTTP_STATUS_CODES.get(status, 'Error')}",
@@ -298,7 +296,7 @@ class RawImagePath:
         if not (mimetype.startswith(RAW_TYPES[0]) or mimetype == RAW_TYPES[1]):
             return None
         raw = environ.get("CONTENT_LENGTH", "")
-        if not raw.isdigit() or "HTTP_TRANSFER_ENCODING" in environ:
+        if not (raw.isascii() and raw.isdigit()) or "HTTP_TRANSFER_ENCODING" in environ:
             return None
         length = int(raw)
         return length if 0 < length <= self.limit else None

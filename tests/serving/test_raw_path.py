@@ -124,6 +124,8 @@ def test_what_the_lean_path_is_not_sure_of_goes_to_flask(app, flask_hits, digit_
         ("/predict?model=digits", good, "text/plain", 415),
         # raw (not percent-encoded) UTF-8 in the query string, as a WSGI server passes it (latin-1 text)
         ("/predict", good, "image/png", 422, {"QUERY_STRING": "model=d\xc3\xafgits"}),
+        # a Content-Length that str.isdigit() takes for a number (a superscript two) but int() does not
+        ("/predict?model=digits", good, "image/png", 422, {"CONTENT_LENGTH": "\xb2"}),
     ]
     for url, body, content_type, status, *environ in cases:
         lean, plain, reached_flask = both(app, flask_hits, url, body, content_type, environ=environ[0] if environ else None)
