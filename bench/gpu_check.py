@@ -4,7 +4,8 @@
 
 Checks, each PASS / FAIL / SKIP with its time: AMP bf16 and fp16 training (autocast dtype seen,
 fp16 GradScaler live), pinned memory and non_blocking copies, channels_last, ``training.processes:
-auto`` with NCCL (needs >= 2 GPUs), /predict's Predictor on cuda (agrees with CPU), and the training
+auto`` with NCCL (needs >= 2 GPUs), /predict's Predictor on cuda (agrees with CPU), its CUDA-graph
+runtime (agrees with CPU eager at every batch size, and which runtime the load chose), and the training
 throughput of Kiln's loop against a plain loop on the GPU (a measurement, not a gate). Without CUDA it
 prints SKIP and exits 0; any FAIL exits 1. Data: scikit-learn's bundled digits (nothing downloads).
 """
@@ -119,6 +120,29 @@ def check_predict(out: Path) -> str:
     return f"{right}/{len(images)} held-out digits right on cuda, same labels as CPU"
 
 
+def check_cuda_graphs(out: Path) -> str:
+    """/predict's runtime on cuda (chosen at load): CUDA graphs, padded to their buckets and sliced past the
+    largest, give CPU eager's labels and probabilities within 1e-3 at every batch size; and which serves, why."""
+    import numpy as np
+
+    from ml import runtimes
+    from ml.inference import Predictor
+
+    best = out / "bf16" / "checkpoints" / "best.pt"
+    if not best.exists():
+        train(config(amp="bf16"), out / "bf16", console=False)
+    gpu, cpu = Predictor.from_checkpoint(best, device="cuda"), Predictor.from_checkpoint(best, device="cpu")
+    graphs = runtimes.CudaGraphRuntime(gpu)
+    eager = runtimes.EagerRuntime(cpu)
+    x = runtimes.reference_inputs(gpu.image_size, gpu.in_channels, 80)
+    for n in (1, 3, 8, 32, 40, 80):
+        got, want = graphs.probabilities(x[:n]), eager.probabilities(x[:n])
+        assert got.shape == want.shape and (got.argmax(1) == want.argmax(1)).all(), n
+        assert np.abs(got - want).max() <= 1e-3, (n, np.abs(got - want).max())
+    runtime, why = runtimes.load(gpu, "onnxruntime", best.parent)
+    return f"{runtime.name} serves on cuda: {why}"
+
+
 def _plain(cfg) -> float:
     """A hand-written loop on the GPU: same model, data, batch, AMP, channels_last; eval each epoch."""
     t0 = time.perf_counter()
@@ -168,7 +192,8 @@ def check_throughput(out: Path) -> str:
     return f"kiln {k:.0f} images/s, plain {p:.0f} images/s, ratio {k / p:.3f} (CPU target >= 0.95)"
 
 
-CHECKS = [check_amp, check_pinned, check_channels_last, check_predict, check_ddp_nccl, check_throughput]
+CHECKS = [check_amp, check_pinned, check_channels_last, check_predict, check_cuda_graphs, check_ddp_nccl,
+          check_throughput]
 
 
 def main() -> int:

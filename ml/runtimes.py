@@ -125,6 +125,70 @@ class TorchGraphRuntime:
             return self.fn(x).float().numpy()
 
 
+class CudaGraphRuntime:
+    """ServingGraph on a CUDA device, captured as one CUDA graph per batch bucket (1, 2, 4 ... 32): a forward
+    pass is one graph launch instead of one kernel launch per operator, which is what small batches pay
+    for on a GPU. A batch is padded up to its bucket (rows are independent in eval mode); a larger one
+    runs in slices of the largest. Every bucket is captured when the runtime is made, each capture
+    local to its thread, so requests for other models on other threads never meet a capture."""
+
+    name = "cudagraph"
+    BUCKETS = (1, 2, 4, 8, 16, 32)
+
+    def __init__(self, predictor: Predictor):
+        if predictor.device.type != "cuda":
+            raise RuntimeError("CUDA graphs need a CUDA device")
+        self.device = predictor.device
+        self.shape = (predictor.image_size, predictor.image_size, predictor.in_channels)
+        graph = ServingGraph(predictor).eval()
+        self._graphs = {b: self._capture(graph, b) for b in self.BUCKETS}
+
+    def _capture(self, graph: ServingGraph, bucket: int) -> tuple:
+        static_in = torch.zeros((bucket, *self.shape), dtype=torch.uint8, device=self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.inference_mode():
+            with torch.cuda.stream(side):  # warm-up runs (cuDNN picks its kernels) outside the capture
+                for _ in range(3):
+                    graph(static_in)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            captured = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(captured, capture_error_mode="thread_local"):
+                static_out = graph(static_in)
+        return captured, static_in, static_out, threading.Lock()
+
+    def probabilities(self, arrays: np.ndarray, threads: int = 1) -> np.ndarray:
+        n, top = len(arrays), self.BUCKETS[-1]
+        if n > top:
+            return np.concatenate([self.probabilities(arrays[i:i + top]) for i in range(0, n, top)])
+        captured, static_in, static_out, lock = self._graphs[next(b for b in self.BUCKETS if b >= n)]
+        x = torch.from_numpy(np.ascontiguousarray(arrays))
+        with lock:  # one static input and output per bucket
+            static_in[:n].copy_(x)
+            static_in[n:].zero_()
+            captured.replay()
+            return static_out[:n].float().cpu().numpy()
+
+
+def cuda_runtime(predictor: Predictor) -> tuple[Runtime, str]:
+    """On a CUDA device (where a card's CPU runtime does not apply), chosen when the version is loaded:
+    CUDA graphs if they agree with eager on the reference batch and are faster, else eager; and why."""
+    eager = EagerRuntime(predictor)
+    reference = reference_inputs(predictor.image_size, predictor.in_channels)
+    try:
+        graphs = CudaGraphRuntime(predictor)
+        check = agreement(graphs.probabilities(reference), eager.probabilities(reference).astype(np.float64))
+        if not agrees(check, TOLERANCE):
+            return eager, f"cudagraph disagreed with eager ({check}); eager serves on {predictor.device}"
+        fast, slow = measure(graphs, reference), measure(eager, reference)
+    except Exception as exc:  # noqa: BLE001 - serve eager rather than not at all
+        return eager, f"cudagraph could not be built ({type(exc).__name__}: {exc}); eager serves on {predictor.device}"
+    if fast["score_ms"] < slow["score_ms"]:
+        return graphs, (f"cudagraph: {fast['score_ms']:g} against eager's {slow['score_ms']:g} ms on "
+                        f"{predictor.device}, top-1 identical, probabilities within {check['max_abs_diff']:.1e}")
+    return eager, f"cudagraph was no faster ({fast['score_ms']:g} against {slow['score_ms']:g} ms); eager serves"
+
+
 # ------------------------------------------------------------------ checks
 
 def native_bf16() -> bool:
@@ -323,6 +387,9 @@ def load(predictor: Predictor, name: str | None, folder: str | Path) -> tuple[Ru
     Nothing here unpickles: an ONNX file is protobuf, the weights came through Predictor (weights_only).
     """
     name = name or "eager"
+    if predictor.device.type == "cuda":  # the card's runtime was chosen for CPUs
+        runtime, why = cuda_runtime(predictor)
+        return runtime, f"the card's {name} was chosen for CPUs; {why}"
     if name == "eager":
         return EagerRuntime(predictor), None
     skip = _skip_reason(name, predictor)

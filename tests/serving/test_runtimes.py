@@ -198,3 +198,14 @@ def test_loading_a_version_and_its_runtime_unpickles_nothing(registry, digits_mo
     check = runtimes.agreement(runtime.probabilities(real_digits), runtimes.EagerRuntime(predictor)
                                .probabilities(real_digits))
     assert runtimes.agrees(check, runtimes.TOLERANCE), check
+
+
+def test_cuda_graphs_that_cannot_be_built_leave_eager_serving_and_say_why(predictor):
+    """On a CUDA device the runtime is chosen at load (bench/gpu_check.py checks the CUDA graphs themselves);
+    a capture that fails, here for want of a device, serves eager with the reason."""
+    from ml import runtimes
+
+    with pytest.raises(RuntimeError, match="CUDA device"):
+        runtimes.CudaGraphRuntime(predictor)
+    runtime, why = runtimes.cuda_runtime(predictor)
+    assert runtime.name == "eager" and why.startswith("cudagraph could not be built") and "CUDA device" in why

@@ -77,7 +77,7 @@ class Models:
         predictor = Predictor.from_checkpoint(path, device=self.device)
         runtime, fallback = runtimes.load(predictor, runtime, Path(path).parent)
         if fallback:
-            log.warning("model %s version %s serves with eager: %s", key[0], key[1], fallback)
+            log.warning("model %s version %s serves with %s: %s", key[0], key[1], runtime.name, fallback)
         with self._lock:
             model = self._loaded.setdefault(key, Model(key, predictor, runtime, fallback))
             self._loaded.move_to_end(key)
