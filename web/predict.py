@@ -93,6 +93,11 @@ def _numbers(value: list, index: int) -> int:
     raise InvalidInput(f"input {index}: too deeply nested; expected [H][W] or [H][W][C]", code="bad_shape")
 
 
+def raw_image_type(mimetype: str) -> bool:
+    """Whether a body of this (lower-case) media type is one raw encoded image."""
+    return mimetype.startswith("image/") or mimetype == "application/octet-stream"
+
+
 def _body_items(settings) -> list:
     """The request's raw inputs in order: bytes (encoded images), str (base64) or nested lists."""
     mimetype = request.mimetype or ""
@@ -101,7 +106,7 @@ def _body_items(settings) -> list:
         if not items:
             raise BadRequest("multipart body has no `image` field; send files as image=@file.png")
         return items
-    if mimetype.startswith("image/") or mimetype == "application/octet-stream":
+    if raw_image_type(mimetype):
         return [request.get_data(cache=False)]
     if mimetype == "application/json":
         # Every number of a pixel array but the last of a row is followed by a comma: a body with
@@ -245,9 +250,6 @@ def _forward_fault(exc: ForwardError, model: str) -> Exception:
 
 # ------------------------------------------------------------ lean path
 
-RAW_TYPES = ("image/", "application/octet-stream")
-
-
 class RawImagePath:
     """WSGI in front of the Flask app: a plain ``POST /predict`` of one raw image body is answered here.
 
@@ -293,7 +295,7 @@ class RawImagePath:
         if environ.get("PATH_INFO") != "/predict" or environ.get("REQUEST_METHOD") != "POST":
             return None
         mimetype = environ.get("CONTENT_TYPE", "").partition(";")[0].strip().lower()
-        if not (mimetype.startswith(RAW_TYPES[0]) or mimetype == RAW_TYPES[1]):
+        if not raw_image_type(mimetype):
             return None
         raw = environ.get("CONTENT_LENGTH", "")
         if not (raw.isascii() and raw.isdigit()) or "HTTP_TRANSFER_ENCODING" in environ:
