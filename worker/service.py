@@ -158,9 +158,7 @@ class Kiln:
         path = f"jobs/{job_id}/train.log"
         if not self.storage.exists(path):
             return b"", offset, finished
-        with self.storage.open(path, "rb") as f:
-            f.seek(max(0, offset))
-            data = f.read(limit)
+        data = self.storage.read_bytes(path, max(0, offset), limit)
         at_eof = len(data) < limit
         if not finished and b"\n" in data:
             data = data[:data.rfind(b"\n") + 1]  # a line still being written waits for the next read

@@ -14,6 +14,7 @@ only while the object's size and version match, and hashes the body otherwise.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -28,7 +29,7 @@ from worker.errors import InvalidInput, Unavailable
 
 CHUNK = 1 << 20
 INDEX = ".sha256.json"  # per prefix: {name: {"sha256", "size", "version"}}
-LIST_ATTEMPTS = 5  # a listing raced by writers from other hosts is taken again this often
+ATTEMPTS = 5  # a listing or a read raced by writers from other hosts is taken again this often
 
 
 def clean_path(path: str) -> str:
@@ -98,9 +99,24 @@ class Storage:
             return
         atomic_write(full, data)
 
-    def read_bytes(self, path: str) -> bytes:
-        with self.open(path, "rb") as f:
-            return f.read()
+    def read_bytes(self, path: str, offset: int = 0, limit: int = -1) -> bytes:
+        """``limit`` bytes (-1: all) of ``path`` from ``offset``.
+
+        An object another host replaces while it is read (s3fs raises FileExpired, an OSError with
+        EBUSY) is read again, in its new version; one that keeps changing is a 503, not a 500.
+        """
+        full = self._full(path)
+        for _ in range(ATTEMPTS):
+            try:
+                with self.fs.open(full, "rb") as f:
+                    if offset:
+                        f.seek(offset)
+                    return f.read(limit)
+            except OSError as exc:
+                if exc.errno != errno.EBUSY:
+                    raise
+                self.fs.invalidate_cache(full)  # the size and ETag s3fs remembered are the old object's
+        raise Unavailable(f"{path} kept changing while it was read; try again")
 
     def put_file(self, local: str | os.PathLike, path: str) -> None:
         """Copy a local file into storage (atomically when storage is local)."""
@@ -199,13 +215,13 @@ class Storage:
         sha256 comes from the prefix's record when it matches the object; only unrecorded or
         changed objects are read and hashed.
         """
-        for attempt in range(LIST_ATTEMPTS):
+        for attempt in range(ATTEMPTS):
             try:
                 return self._list_once(prefix, checksums)
             except OSError:
                 # Another host replaced or removed an object between the listing and its read
                 # (s3fs raises FileExpired, local disk FileNotFoundError): list again.
-                if attempt == LIST_ATTEMPTS - 1:
+                if attempt == ATTEMPTS - 1:
                     raise Unavailable(f"the files under {prefix} kept changing while they were listed; "
                                       "try again") from None
         return []

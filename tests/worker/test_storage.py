@@ -190,6 +190,43 @@ def test_a_listing_that_never_settles_is_a_503_not_a_500(storage, monkeypatch):
         storage.list("jobs/a")
 
 
+def test_a_read_raced_by_another_writer_is_taken_again(storage, monkeypatch):
+    """Another host replaces an object while it is read (s3fs raises FileExpired, an OSError with EBUSY,
+    seen as a 500 from GET /v1/jobs/<id>/metrics while a job ran): the new body is read instead."""
+    import errno
+
+    storage.write_bytes("jobs/a/metrics.jsonl", b'{"epoch": 1}\n')
+    real_open, raced = storage.fs.open, []
+
+    def open_racing(path, mode="rb", **kw):
+        if not raced:
+            raced.append(path)
+            storage.write_bytes("jobs/a/metrics.jsonl", b'{"epoch": 1}\n{"epoch": 2}\n')
+            raise OSError(errno.EBUSY, f"the remote file {path} no longer exists")
+        return real_open(path, mode, **kw)
+
+    monkeypatch.setattr(storage.fs, "open", open_racing)
+    assert storage.read_bytes("jobs/a/metrics.jsonl") == b'{"epoch": 1}\n{"epoch": 2}\n' and raced
+    assert storage.read_bytes("jobs/a/metrics.jsonl", 13, 5) == b'{"epo'
+
+
+def test_a_read_that_never_settles_is_a_503_and_a_missing_file_stays_missing(storage, monkeypatch):
+    import errno
+
+    from worker.errors import Unavailable
+
+    storage.write_bytes("jobs/a/train.log", b"x")
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes("jobs/a/absent.log")
+
+    def always_changed(path, mode="rb", **kw):
+        raise OSError(errno.EBUSY, "changed again")
+
+    monkeypatch.setattr(storage.fs, "open", always_changed)
+    with pytest.raises(Unavailable, match="kept changing"):
+        storage.read_bytes("jobs/a/train.log")
+
+
 def test_a_checkpoint_written_after_the_epochs_round_lands_without_another_request(storage, tmp_path):
     """The background checkpoint writer may finish after the epoch's round: the sync thread looks at
     checkpoints/ between requests and sends the new file; other files wait for the next request."""
